@@ -1,0 +1,3 @@
+from qlight.cli import main
+
+main()

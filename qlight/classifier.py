@@ -1,0 +1,110 @@
+"""A LightningModule for image classification around any backbone."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from qlight.errors import QlightError
+from qlight.models import build_backbone
+
+
+class ImageClassifier(LightningModule):
+    """Cross-entropy classifier trained with SGD (Nesterov) and a per-step cosine or one-cycle schedule.
+
+    Logs ``train/loss``, ``val/loss``, ``val/acc1``, ``val/acc5`` and the same under ``test/``.
+
+    Args:
+        backbone: a registered name (see ``qlight.models.BACKBONES``) or a ready ``nn.Module``.
+        num_classes: outputs of the backbone (used when it is built by name).
+        lr: peak learning rate.
+        momentum: SGD momentum (Nesterov).
+        weight_decay: L2 penalty on every parameter.
+        label_smoothing: cross-entropy label smoothing.
+        schedule: ``cosine`` (linear warm-up, then cosine to zero), ``onecycle`` or ``constant``.
+        warmup_epochs: linear warm-up length for ``cosine``.
+        channels_last: run convolutions in the channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "vgg11_bn",
+        num_classes: int = 100,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        label_smoothing: float = 0.0,
+        schedule: Literal["cosine", "onecycle", "constant"] = "cosine",
+        warmup_epochs: float = 0.0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise QlightError(f"model.lr must be positive, got {lr}")
+        if not 0 <= label_smoothing < 1:
+            raise QlightError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        self.model = build_backbone(backbone, num_classes) if isinstance(backbone, str) else backbone
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.test_acc1 = self.val_acc1.clone()
+        self.test_acc5 = self.val_acc5.clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = self.criterion(self(images), labels)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy) -> None:
+        images, labels = batch
+        logits = self(images)
+        acc1(logits, labels)
+        acc5(logits, labels)
+        self.log(f"{stage}/loss", self.criterion(logits, labels), sync_dist=True)
+        self.log(f"{stage}/acc1", acc1, prog_bar=True)
+        self.log(f"{stage}/acc5", acc5)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc1, self.val_acc5)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc1, self.test_acc5)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).argmax(dim=1)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.momentum > 0
+        )
+        if hp.schedule == "constant":
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if hp.schedule == "onecycle":
+            scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=hp.lr, total_steps=total
+            )
+        else:
+            warmup = min(int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1)), total - 1)
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
+            scheduler = cosine
+            if warmup > 0:
+                ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup)
+                scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,5 @@
+"""Errors meant for the user: the CLI prints them as one line, never as a traceback."""
+
+
+class QlightError(Exception):
+    """A problem with the user's input or environment; the message says how to fix it."""

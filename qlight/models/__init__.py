@@ -1,0 +1,25 @@
+"""Backbones, looked up by name so that configs and checkpoints can name them."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from qlight.models.vgg import VGG, vgg11_bn, vgg13_bn, vgg16_bn
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "vgg11_bn": vgg11_bn,
+    "vgg13_bn": vgg13_bn,
+    "vgg16_bn": vgg16_bn,
+}
+
+
+def build_backbone(name: str, num_classes: int) -> nn.Module:
+    """Build a registered backbone; raises ``ValueError`` naming the valid choices."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name](num_classes=num_classes)
+
+
+__all__ = ["BACKBONES", "VGG", "build_backbone", "vgg11_bn", "vgg13_bn", "vgg16_bn"]

@@ -1,0 +1,37 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def write_cifar100(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> Path:
+    """Write a tiny dataset in CIFAR-100's on-disk format (python pickles train/test/meta)."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", n_train), ("test", n_test)):
+        entry = {
+            "filenames": [f"img_{i}.png" for i in range(n)],
+            "batch_label": f"{name} batch",
+            "fine_labels": rng.integers(0, 100, n).tolist(),
+            "coarse_labels": rng.integers(0, 20, n).tolist(),
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    meta = {"fine_label_names": [f"class_{i}" for i in range(100)], "coarse_label_names": [f"super_{i}" for i in range(20)]}
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return root
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path) -> Path:
+    return write_cifar100(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
