@@ -1,0 +1,25 @@
+"""Quantization recipes (torchao), the PTQ and QAT callbacks and the quantized file format."""
+
+from qlight.quantization.ptq import PostTrainingQuantization
+from qlight.quantization.recipes import (
+    FloatCast,
+    IntxWeightOnly,
+    StaticPT2E,
+    parse_recipe,
+    quantizable_modules,
+    valid_recipe_names,
+)
+from qlight.quantization.serialization import load_quantized, pack_bits, unpack_bits
+
+__all__ = [
+    "FloatCast",
+    "IntxWeightOnly",
+    "PostTrainingQuantization",
+    "StaticPT2E",
+    "load_quantized",
+    "pack_bits",
+    "parse_recipe",
+    "quantizable_modules",
+    "unpack_bits",
+    "valid_recipe_names",
+]

@@ -1,0 +1,53 @@
+"""Top-1/top-5 evaluation of any classifier on a Lightning module's own batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import RunningStage
+from torch import Tensor, nn
+
+
+@dataclass
+class Accuracy:
+    acc1: float
+    acc5: float
+    count: int
+
+
+def transferred_batches(trainer: Trainer, pl_module: LightningModule, loader: Iterable, limit: int | None = None, shard: bool = False) -> Iterable[tuple[Tensor, Tensor]]:
+    """Yield ``(inputs, targets)`` from ``loader`` after the module's and DataModule's batch-transfer
+    hooks, as the test loop would see them (no training augmentation).
+
+    With ``shard``, rank r of a distributed run takes batches r, r + world, ... so that the ranks
+    together see each batch exactly once.
+    """
+    stage = trainer.state.stage
+    trainer.state.stage = RunningStage.TESTING  # the hooks key augmentation on the running stage
+    try:
+        for index, batch in enumerate(loader):
+            if limit is not None and index >= limit:
+                break
+            if shard and index % trainer.world_size != trainer.global_rank:
+                continue
+            inputs, targets = pl_module._apply_batch_transfer_handler(batch, pl_module.device)[:2]
+            yield inputs, targets
+    finally:
+        trainer.state.stage = stage
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], trainer: Trainer, input_dtype: torch.dtype = torch.float32) -> Accuracy:
+    """Top-1/top-5 accuracy, summed over ranks so every rank gets the same numbers."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    for inputs, targets in batches:
+        logits = model(inputs.to(input_dtype)).float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == targets[:, None]
+        totals += torch.tensor([hits[:, 0].sum().item(), hits.any(1).sum().item(), len(targets)], dtype=torch.float64)
+    totals = trainer.strategy.reduce(totals.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+    count = int(totals[2])
+    return Accuracy(acc1=float(totals[0] / max(count, 1)), acc5=float(totals[1] / max(count, 1)), count=count)

@@ -1,0 +1,66 @@
+"""A LightningModule that is not qlight's, on scikit-learn's bundled digits (real 8x8 images)."""
+
+import lightning.pytorch as pl
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def digits_tensors():
+    images, labels = load_digits(return_X_y=True)
+    x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 8.0 - 1.0
+    y = torch.tensor(labels, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return x[order], y[order]
+
+
+class DigitsNet(pl.LightningModule):
+    def __init__(self, width: int = 8, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * width * 16, 64), nn.ReLU(), nn.Linear(64, 10),
+        )
+        x, y = digits_tensors()
+        self.train_data = TensorDataset(x[:1400], y[:1400])
+        self.test_data = TensorDataset(x[1400:], y[1400:])
+
+    def forward(self, x, scale: float = 1.0):
+        return self.net(x) * scale
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_data, batch_size=64, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.test_data, batch_size=128)
+
+    def test_dataloader(self):
+        return DataLoader(self.test_data, batch_size=128)
+
+
+def trainer(tmp_path, callbacks=(), max_epochs=6, **kwargs):
+    return pl.Trainer(
+        default_root_dir=tmp_path, max_epochs=max_epochs, accelerator="cpu", devices=kwargs.pop("devices", 1),
+        callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False, logger=kwargs.pop("logger", False),
+        **kwargs,
+    )

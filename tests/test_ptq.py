@@ -1,0 +1,144 @@
+import copy
+import csv
+
+import pytest
+import torch
+from torch import nn
+from torchao.quantization import IntxUnpackedToInt8Tensor
+
+from digits import DigitsNet, trainer
+from qlight import ImageClassifier, PostTrainingQuantization, QlightError, load_quantized
+from qlight.models import vgg11_bn
+from qlight.quantization import parse_recipe, quantizable_modules
+from qlight.quantization.recipes import IntxWeightOnly
+from qlight.quantization.serialization import quantized_bytes
+
+
+def quantize(model, name):
+    targets = quantizable_modules(model)
+    return parse_recipe(name).quantize(model, set(targets)), targets
+
+
+def test_int4_quantizes_every_conv_and_linear_to_16_levels():
+    model, targets = quantize(vgg11_bn().eval(), "int4")
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(targets) == len(layers) == 11
+    for layer in layers:
+        w = layer.weight
+        assert isinstance(w, IntxUnpackedToInt8Tensor)
+        codes = w.qdata
+        assert codes.min() >= -8 and codes.max() <= 7
+        groups = codes.transpose(0, 1).flatten(1).T if codes.dim() == 4 else codes  # one group per (out, kh, kw)
+        assert max(len(torch.unique(g)) for g in groups) <= 16
+
+
+def test_fp16_and_bf16_cast_every_parameter():
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        model, _ = quantize(vgg11_bn(), name)
+        assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def test_file_sizes_of_vgg11_bn():
+    source = vgg11_bn().eval()
+    x = torch.randn(2, 3, 32, 32)
+    size = {}
+    for name in ("fp32", "fp16", "int8", "int4", "int2"):
+        model, targets = quantize(copy.deepcopy(source), name)
+        size[name] = len(quantized_bytes(model, name, targets, source, x))
+    assert size["int8"] <= 0.30 * size["fp32"]
+    assert size["int4"] <= 0.55 * size["int8"]
+    assert size["int2"] < 0.65 * size["int4"]
+    assert abs(size["fp16"] / size["fp32"] - 0.5) < 0.02 * 0.5
+
+
+@pytest.mark.parametrize("name", ["int3", "int4", "int8", "bf16"])
+def test_load_quantized_reproduces_outputs(tmp_path, name):
+    source = ImageClassifier(num_classes=10).eval()
+    model, targets = quantize(copy.deepcopy(source), name)
+    path = tmp_path / f"{name}.pt"
+    path.write_bytes(quantized_bytes(model, name, targets, source, torch.randn(1, 3, 32, 32)))
+    loaded = load_quantized(path)
+    x = torch.randn(4, 3, 32, 32).to(parse_recipe(name).input_dtype)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert type(loaded.model.features[0].weight) is type(model.model.features[0].weight)
+
+
+def test_bad_arguments_fail_when_built():
+    with pytest.raises(QlightError, match="int2, int3"):
+        PostTrainingQuantization(recipes=["int9"])
+    with pytest.raises(QlightError, match="valid"):
+        PostTrainingQuantization(recipes=["fp8"])
+    with pytest.raises(QlightError, match="calibration"):
+        PostTrainingQuantization(recipes=["int8_static"], calibration_batches=0)
+
+
+def _rows(path):
+    with open(path) as f:
+        return {row["recipe"]: row for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("digits")
+    model = DigitsNet()
+    t = trainer(root, max_epochs=8)
+    t.fit(model)
+    path = root / "digits.ckpt"
+    t.save_checkpoint(path)
+    return path
+
+
+def test_ptq_on_real_digits_in_a_foreign_module(tmp_path, digits_checkpoint):
+    ptq = PostTrainingQuantization(recipes=["fp32", "bf16", "int8", "int2", "int8_static"], output_dir=str(tmp_path / "ptq"))
+    model = DigitsNet.load_from_checkpoint(digits_checkpoint)
+    trainer(tmp_path, [ptq]).test(model)
+    rows = _rows(tmp_path / "ptq" / "results.csv")
+    acc = {name: float(row["acc1"]) for name, row in rows.items()}
+    assert acc["fp32"] > 0.9, acc
+    assert abs(acc["int8"] - acc["fp32"]) <= 0.01, acc
+    assert abs(acc["int8_static"] - acc["fp32"]) <= 0.02, acc
+    assert acc["int2"] < acc["int8"] - 0.02, acc  # fails if quantization does nothing
+    assert int(rows["int2"]["quantized_modules"]) == 3  # the 1-channel input conv stays float
+    loaded = load_quantized(tmp_path / "ptq" / "int2.pt")
+    static = load_quantized(tmp_path / "ptq" / "int8_static.pt2")
+    x = model.test_data.tensors[0][:8]
+    with torch.no_grad():
+        assert loaded(x).shape == static(x).shape == (8, 10)
+    assert (tmp_path / "ptq" / "results.md").read_text().count("|") > 20
+
+
+def test_one_failing_recipe_keeps_the_others(tmp_path, digits_checkpoint, monkeypatch):
+    def broken(self, model, targets, calibration=()):
+        raise RuntimeError("kernel missing")
+
+    monkeypatch.setattr(IntxWeightOnly, "quantize", broken)
+    ptq = PostTrainingQuantization(recipes=["fp32", "int4", "bf16"], output_dir=str(tmp_path))
+    trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(digits_checkpoint))
+    rows = _rows(tmp_path / "results.csv")
+    assert rows["int4"]["error"] == "RuntimeError: kernel missing" and rows["int4"]["acc1"] == ""
+    assert float(rows["bf16"]["acc1"]) > 0.9
+
+
+class NoLayers(DigitsNet):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.LayerNorm(64))
+
+
+def test_model_without_conv_or_linear_warns(tmp_path):
+    ptq = PostTrainingQuantization(recipes=["int4"], output_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="nothing is quantized"):
+        trainer(tmp_path, [ptq]).test(NoLayers())
+    assert _rows(tmp_path / "results.csv")["int4"]["quantized_modules"] == "0"
+
+
+def test_ddp_gives_the_same_table_as_one_process(tmp_path, digits_checkpoint):
+    tables = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        out = tmp_path / str(devices)
+        ptq = PostTrainingQuantization(recipes=["fp32", "int4"], output_dir=str(out))
+        trainer(tmp_path, [ptq], devices=devices, strategy=strategy).test(DigitsNet(), ckpt_path=str(digits_checkpoint))
+        tables[devices] = {k: {c: v for c, v in row.items() if c != "seconds"} for k, row in _rows(out / "results.csv").items()}
+    assert tables[1] == tables[2]
