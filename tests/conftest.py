@@ -35,3 +35,17 @@ def cifar_dir(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """A small CNN trained on scikit-learn's digits (about 99% test accuracy)."""
+    from digits import DigitsNet, trainer
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("digits")
+    t = trainer(root, max_epochs=8)
+    t.fit(DigitsNet())
+    path = root / "digits.ckpt"
+    t.save_checkpoint(path)
+    return path

@@ -78,18 +78,6 @@ def _rows(path):
         return {row["recipe"]: row for row in csv.DictReader(f)}
 
 
-@pytest.fixture(scope="module")
-def digits_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("digits")
-    model = DigitsNet()
-    t = trainer(root, max_epochs=8)
-    t.fit(model)
-    path = root / "digits.ckpt"
-    t.save_checkpoint(path)
-    return path
-
-
 def test_ptq_on_real_digits_in_a_foreign_module(tmp_path, digits_checkpoint):
     ptq = PostTrainingQuantization(recipes=["fp32", "bf16", "int8", "int2", "int8_static"], output_dir=str(tmp_path / "ptq"))
     model = DigitsNet.load_from_checkpoint(digits_checkpoint)

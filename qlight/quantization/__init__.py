@@ -1,6 +1,8 @@
 """Quantization recipes (torchao), the PTQ and QAT callbacks and the quantized file format."""
 
+from qlight.quantization.fake_quant import FakeQuantizedConv2d
 from qlight.quantization.ptq import PostTrainingQuantization
+from qlight.quantization.qat import QuantizationAwareTraining
 from qlight.quantization.recipes import (
     FloatCast,
     IntxWeightOnly,
@@ -12,9 +14,11 @@ from qlight.quantization.recipes import (
 from qlight.quantization.serialization import load_quantized, pack_bits, unpack_bits
 
 __all__ = [
+    "FakeQuantizedConv2d",
     "FloatCast",
     "IntxWeightOnly",
     "PostTrainingQuantization",
+    "QuantizationAwareTraining",
     "StaticPT2E",
     "load_quantized",
     "pack_bits",

@@ -30,11 +30,11 @@ def output_dir(trainer: Trainer, given: str | None, name: str) -> Path:
     return Path(given) if given else Path(trainer.log_dir or trainer.default_root_dir) / name
 
 
-def dataloader(trainer: Trainer, pl_module: LightningModule, split: Literal["train", "test"]) -> Any:
+def dataloader(trainer: Trainer, pl_module: LightningModule, split: Literal["train", "val", "test"]) -> Any:
     """The DataModule's (or else the module's) own loader for ``split``, outside any Trainer loop."""
     source = trainer.datamodule if trainer.datamodule is not None else pl_module
     if trainer.datamodule is not None:
-        trainer.datamodule.setup("fit" if split == "train" else "test")
+        trainer.datamodule.setup("test" if split == "test" else "fit")
     return getattr(source, f"{split}_dataloader")()
 
 

@@ -1,0 +1,122 @@
+import copy
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+
+from digits import DigitsNet, trainer
+from qlight import PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
+from qlight.quantization import FakeQuantizedConv2d
+from qlight.quantization.fake_quant import _channels_last_apply
+from torchao.quantization.qat import FakeQuantizedLinear
+
+
+def prepared(bits=3, **kwargs):
+    model = DigitsNet()
+    qat = QuantizationAwareTraining(weight_bits=bits, **kwargs)
+    qat.setup(trainer(None, max_epochs=2), model, "fit")
+    return model, qat
+
+
+def effective_weight(module):
+    if isinstance(module, FakeQuantizedConv2d):
+        return _channels_last_apply(module.weight_fake_quantizer, module.weight)
+    return module.weight_fake_quantizer(module.weight)
+
+
+def test_every_layer_runs_fake_quantized_weights_with_gradients():
+    model, _ = prepared(bits=3)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    swapped = {name for name, m in layers.items() if isinstance(m, (FakeQuantizedConv2d, FakeQuantizedLinear))}
+    assert swapped == set(layers) - {"net.0"}  # the 1-input-channel conv stays float (see quantizable_modules)
+    x = torch.randn(4, 8, 8, 8)
+    conv = model.net[3]
+    w = effective_weight(conv)
+    groups = w.permute(0, 2, 3, 1).reshape(-1, w.shape[1])
+    assert max(len(torch.unique(g)) for g in groups) <= 8
+    assert not torch.equal(w, conv.weight)
+    assert torch.equal(conv(x), F.conv2d(x, w, conv.bias, padding=1))
+    linear = model.net[-1]
+    assert max(len(torch.unique(row)) for row in effective_weight(linear)) <= 8
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers.values())
+
+
+def test_forward_kwargs_pass_through():
+    model, _ = prepared()
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(model(x, scale=2.0), 2 * model(x))
+
+
+def test_converted_model_matches_fake_quant_model():
+    model, qat = prepared(bits=4)
+    model.eval()
+    converted = qat.convert(model)
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-5
+    assert isinstance(converted.net[3], nn.Conv2d) and not isinstance(converted.net[3], FakeQuantizedConv2d)
+
+
+def test_bad_arguments():
+    with pytest.raises(QlightError, match="between 2 and 8"):
+        QuantizationAwareTraining(weight_bits=1)
+    with pytest.raises(QlightError, match="activation_bits alone"):
+        QuantizationAwareTraining(weight_bits=None, activation_bits=8)
+    with pytest.raises(QlightError, match="past max_epochs"):
+        prepared(start_epoch=2)
+
+
+def test_bad_baseline_checkpoints(tmp_path):
+    with pytest.raises(QlightError, match="does not exist"):
+        prepared(baseline_ckpt=str(tmp_path / "missing.ckpt"))
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": DigitsNet(width=4).state_dict()}, other)
+    with pytest.raises(QlightError, match="another architecture"):
+        prepared(baseline_ckpt=str(other))
+
+
+def test_qat_beats_ptq_at_two_bits_on_real_digits(tmp_path, digits_checkpoint):
+    ptq = PostTrainingQuantization(recipes=["int2"], output_dir=str(tmp_path / "ptq"))
+    trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(digits_checkpoint))
+    ptq_acc = ptq.results[-1]["acc1"]
+    torch.manual_seed(0)
+    qat = QuantizationAwareTraining(weight_bits=2, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path / "qat"))
+    trainer(tmp_path, [qat], max_epochs=3).fit(DigitsNet(lr=0.01))
+    rows = qat.results
+    assert [r["epoch"] for r in rows if r["split"] == "val"] == [0, 1, 2]
+    converted = rows[-1]
+    assert converted["fake_quant"] == "converted"
+    assert converted["acc1"] > ptq_acc + 0.01, (converted, ptq_acc)
+    model = load_quantized(tmp_path / "qat" / "model.pt")
+    x, y = DigitsNet().test_data.tensors
+    with torch.no_grad():
+        assert abs((model(x).argmax(1) == y).float().mean().item() - converted["acc1"]) < 1e-6
+    assert (tmp_path / "qat" / "results.csv").read_text().count("\n") == 5
+
+
+def test_resume_mid_qat_and_test_from_a_qat_checkpoint(tmp_path, digits_checkpoint):
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    qat = QuantizationAwareTraining(weight_bits=3, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path))
+    trainer(tmp_path, [qat, ckpts], max_epochs=2).fit(DigitsNet(lr=0.01))
+    first = tmp_path / "ckpt" / "epoch=0.ckpt"
+
+    resumed = QuantizationAwareTraining(weight_bits=3, output_dir=str(tmp_path / "resumed"))
+    model = DigitsNet(lr=0.01)
+    trainer(tmp_path, [resumed], max_epochs=2).fit(model, ckpt_path=str(first))
+    assert [r["epoch"] for r in resumed.results] == [0, 1, 2]  # epoch 0 restored from the checkpoint
+    assert isinstance(model.net[3], FakeQuantizedConv2d)
+
+    tester = QuantizationAwareTraining(weight_bits=3, output_dir=str(tmp_path / "test"))
+    model = DigitsNet()
+    result = trainer(tmp_path, [tester]).test(model, ckpt_path=str(tmp_path / "ckpt" / "epoch=1.ckpt"))
+    assert model.net[3].weight_fake_quantizer.enabled
+    expected = copy.deepcopy(model).eval()
+    x, y = model.test_data.tensors
+    with torch.no_grad():
+        assert abs((expected(x).argmax(1) == y).float().mean().item() - result[0]["test_acc"]) < 1e-6
+
+    with pytest.raises(QlightError, match="weight_bits"):
+        trainer(tmp_path, [QuantizationAwareTraining(weight_bits=4)], max_epochs=2).fit(DigitsNet(), ckpt_path=str(first))
