@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -57,7 +57,9 @@ class QuantizationAwareTraining(Callback):
         keep_last: leave the last Conv2d/Linear in float.
         baseline_ckpt: a Lightning checkpoint whose weights start the QAT fit (default: the model's
             own weights, e.g. from scratch).
-        eval_every_epoch: evaluate the fake-quantized model on the validation set each epoch.
+        eval_every_epoch: evaluate the fake-quantized model after each training epoch.
+        eval_split: the split evaluated each epoch, ``val`` (default) or ``test`` (to compare with
+            PTQ, which reports test accuracy).
         output_dir: where files go; default ``<log_dir>/qat``.
     """
 
@@ -71,6 +73,7 @@ class QuantizationAwareTraining(Callback):
         keep_last: bool = False,
         baseline_ckpt: str | None = None,
         eval_every_epoch: bool = True,
+        eval_split: Literal["val", "test"] = "val",
         output_dir: str | None = None,
     ) -> None:
         if weight_bits is None:
@@ -90,7 +93,10 @@ class QuantizationAwareTraining(Callback):
         self.keep_first = keep_first
         self.keep_last = keep_last
         self.baseline_ckpt = baseline_ckpt
+        if eval_split not in ("val", "test"):
+            raise QlightError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
         self.eval_every_epoch = eval_every_epoch
+        self.eval_split = eval_split
         self.output_dir = output_dir
         self.results: list[dict[str, Any]] = []  # rows of results.csv, restored with checkpoints
 
@@ -124,11 +130,11 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.eval_every_epoch:
-            self._record(trainer, pl_module, pl_module, "val", trainer.current_epoch)
+            self._record(trainer, pl_module, pl_module, self.eval_split, trainer.current_epoch)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         converted = self.convert(pl_module)
-        row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, fake_quant="converted")
+        row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, converted=True)
         out = output_dir(trainer, self.output_dir, "qat")
         example = next(iter(transferred_batches(trainer, pl_module, dataloader(trainer, pl_module, "test"), 1)))[0]
         payload = quantized_bytes(converted, self.recipe.name, self._targets(pl_module), _plain_copy(pl_module), example)
@@ -148,18 +154,20 @@ class QuantizationAwareTraining(Callback):
     def _targets(pl_module: LightningModule) -> list[str]:
         return [name for name, module in pl_module.named_modules() if isinstance(module, FAKE_QUANTIZED)]
 
-    def _record(self, trainer: Trainer, pl_module: LightningModule, model: nn.Module, split: str, epoch: int, fake_quant: str | None = None) -> dict[str, Any]:
+    def _record(
+        self, trainer: Trainer, pl_module: LightningModule, model: nn.Module, split: str, epoch: int, converted: bool = False
+    ) -> dict[str, Any]:
         start = time.perf_counter()
         was_training = model.training
         model.eval()
         loader = dataloader(trainer, pl_module, split)
         accuracy = evaluate(model, transferred_batches(trainer, pl_module, loader, shard=True), trainer)
         model.train(was_training)
-        on = fake_quant or ("on" if epoch >= self.start_epoch else "off")
+        on = "converted" if converted else ("on" if epoch >= self.start_epoch else "off")
         row = {"epoch": epoch, "split": split, "fake_quant": on, "acc1": accuracy.acc1, "acc5": accuracy.acc5, "seconds": round(time.perf_counter() - start, 2)}
         self.results.append(row)
-        prefix = "qat" if split == "val" else "qat/test"
-        log_to_loggers(trainer, {f"{prefix}/acc1": accuracy.acc1, f"{prefix}/acc5": accuracy.acc5}, step=epoch if split == "val" else None)
+        prefix = "qat/converted" if converted else "qat"
+        log_to_loggers(trainer, {f"{prefix}/acc1": accuracy.acc1, f"{prefix}/acc5": accuracy.acc5}, step=None if converted else epoch)
         if trainer.is_global_zero:
             out = output_dir(trainer, self.output_dir, "qat")
             write_csv(self.results, out / "results.csv", COLUMNS)

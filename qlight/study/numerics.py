@@ -1,0 +1,102 @@
+"""How training values fare in fp16 and bf16: a callback that samples them during training."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+
+from qlight.errors import QlightError
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cast_outcomes(values: Tensor, dtype: torch.dtype) -> dict[str, int]:
+    """Count the finite non-zero values of ``values`` that overflow to inf, underflow to zero or land
+    on a subnormal when cast to ``dtype``."""
+    values = values.detach().float().flatten()
+    values = values[torch.isfinite(values) & (values != 0)]
+    cast = values.to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    return {
+        "count": values.numel(),
+        "overflow": int(torch.isinf(cast).sum()),
+        "underflow": int((cast == 0).sum()),
+        "subnormal": int(((cast != 0) & (cast.abs() < tiny)).sum()),
+    }
+
+
+class PrecisionStats(Callback):
+    """Every ``every_n_steps`` training steps, sample the (unscaled) gradients and the outputs of
+    every Conv2d and Linear, and count which values overflow, underflow or turn subnormal when cast
+    to fp16 and to bf16. Also follows the AMP GradScaler (16-mixed): skipped steps and scale changes.
+
+    Values that are already half precision (under autocast) are counted as they are: the counts then
+    say what the cast lost before the callback saw it. Read the totals from :meth:`summary`.
+
+    Args:
+        every_n_steps: sampling period in optimizer steps.
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        if every_n_steps < 1:
+            raise QlightError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.scaler = {"skipped_steps": 0, "scale_increases": 0, "scale_decreases": 0, "final_scale": None}
+        self.losses: list[tuple[int, float]] = []  # (step, training loss) at the sampled steps
+        self._hooks: list[Any] = []
+        self._last_scale: float | None = None
+
+    def _sampling(self, trainer: Trainer) -> bool:
+        return trainer.global_step % self.every_n_steps == 0
+
+    def _add(self, kind: str, values: Tensor) -> None:
+        for name, dtype in DTYPES.items():
+            for key, count in cast_outcomes(values, dtype).items():
+                self.counts[f"{kind}/{name}"][key] += count
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        def record(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            if module.training and self._sampling(trainer) and torch.is_tensor(output):
+                self._add("activation", output)
+
+        self._hooks = [m.register_forward_hook(record) for m in pl_module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self._sampling(trainer):  # Lightning has unscaled AMP gradients by now
+            grads = [p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                self._add("gradient", torch.cat(grads))
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss) and (trainer.global_step - 1) % self.every_n_steps == 0:
+            self.losses.append((trainer.global_step, float(loss)))
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None:
+            return
+        scale = float(scaler.get_scale())
+        if self._last_scale is not None and scale != self._last_scale:
+            key = "scale_decreases" if scale < self._last_scale else "scale_increases"
+            self.scaler[key] += 1
+            # GradScaler lowers the scale exactly when it skipped the step for inf/NaN gradients
+            self.scaler["skipped_steps"] += key == "scale_decreases"
+        self._last_scale = self.scaler["final_scale"] = scale
+
+    def summary(self) -> dict[str, Any]:
+        """``{"values": {"gradient/fp16": {"count", "overflow", ..., "overflow_share", ...}},
+        "scaler": {...}, "losses": [[step, loss], ...]}``."""
+        values = {}
+        for key, counts in sorted(self.counts.items()):
+            total = max(counts["count"], 1)
+            values[key] = {**counts, **{f"{k}_share": counts[k] / total for k in ("overflow", "underflow", "subnormal")}}
+        return {"values": values, "scaler": dict(self.scaler), "losses": [list(x) for x in self.losses]}

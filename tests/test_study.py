@@ -1,0 +1,97 @@
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+
+from qlight.cli import main
+from qlight.quantization.reporting import read_csv
+from qlight.study import cast_outcomes, epochs_to_match, first_bits_with_gap, fit_bit_curve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bit_curve_recovers_known_parameters():
+    bits = [2, 3, 4, 6, 8]
+    acc = [0.7 - 3.2 * 4.0 ** -b for b in bits]
+    curve = fit_bit_curve(bits, acc)
+    assert curve.plateau == pytest.approx(0.7) and curve.drop == pytest.approx(3.2)
+    # 0.7 - 3.2 * 4^-b = 0.69  ->  b = log4(320)
+    assert curve.bits_for_gap(reference=0.7, gap=0.01) == pytest.approx(math.log(320, 4))
+    # gaps: 2 bits 0.2, 3 bits 0.05, 4 bits 0.0125, 6 bits 0.00078
+    assert first_bits_with_gap(bits, acc, reference=0.7, gap=0.01) == 4
+
+
+def test_first_gap_and_epochs_to_match_on_made_up_numbers():
+    assert first_bits_with_gap([8, 6, 4, 3, 2], [0.70, 0.70, 0.695, 0.68, 0.40], reference=0.70) == 3
+    assert first_bits_with_gap([8, 4], [0.70, 0.70], reference=0.70) is None
+    assert epochs_to_match([0.5, 0.62, 0.66, 0.64], target=0.65) == 3
+    assert epochs_to_match([0.5, 0.6], target=0.65) is None
+    with pytest.raises(ValueError):
+        fit_bit_curve([4, 4], [0.1, 0.2])
+
+
+def test_cast_outcomes_counts_fp16_and_bf16_limits():
+    values = torch.tensor([1.0, 1e5, 1e-9, 1e-6, 0.0, float("inf")])
+    fp16 = cast_outcomes(values, torch.float16)
+    assert fp16 == {"count": 4, "overflow": 1, "underflow": 1, "subnormal": 1}
+    assert cast_outcomes(values, torch.bfloat16) == {"count": 4, "overflow": 0, "underflow": 0, "subnormal": 0}
+
+
+TINY = [
+    "--data.synthetic_train_size=256", "--data.synthetic_test_size=64", "--data.val_size=64", "--data.batch_size=32",
+    "--baseline.epochs=1", "--ptq.recipes=[fp32, bf16, int8, int4, int2]", "--ptq.calibration_batches=1",
+    "--qat.bits=[4, 2]", "--qat.epochs=2", "--precision.epochs=1", "--precision.sample_every_n_steps=2",
+]
+
+
+def study(tmp_path, *extra):
+    args = ["study", "--config", str(ROOT / "configs/study_smoke.yaml"), f"--study_dir={tmp_path / 'study'}", *TINY, *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code
+
+
+def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
+    assert study(tmp_path, "--stages=[baseline, ptq]") == 0
+    first = capsys.readouterr().out
+    assert "[study] ptq: done" in first and "qat" not in first
+
+    assert study(tmp_path) == 0
+    second = capsys.readouterr().out
+    assert "[study] baseline: skipped" in second and "[study] ptq: skipped" in second
+    assert "[study] qat_int4: done" in second and "[study] report: done" in second
+
+    root = tmp_path / "study"
+    report = (root / "report.md").read_text()
+    for section in ("## Post-training quantization", "## Accuracy vs bit-width", "## Quantization-aware training", "## fp16 vs bf16", "## Plots"):
+        assert section in report
+    pngs = sorted(root.glob("*.png"))
+    assert len(pngs) >= 3
+    for png in pngs:
+        image = matplotlib.image.imread(png)
+        assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.01  # a drawn plot, not a blank canvas
+    results = json.loads((root / "results.json").read_text())
+    csv_rows = {r["recipe"]: float(r["acc1"]) for r in read_csv(root / "ptq" / "results.csv")}
+    assert {r["recipe"]: r["acc1"] for r in results["ptq"]} == csv_rows
+    for recipe, acc in csv_rows.items():
+        assert f"| {recipe} | " in report and f"{100 * acc:.2f}" in report
+    assert set(results["qat"]) == {"4", "2"} and len(results["qat"]["2"]["acc1_per_epoch"]) == 2
+    numerics = results["precision"]["32-true"]["values"]
+    assert {"gradient/fp16", "gradient/bf16", "activation/fp16", "activation/bf16"} <= set(numerics)
+    assert numerics["gradient/fp16"]["count"] > 0
+
+    assert study(tmp_path, "--seed=1") == 2
+    assert "holds a study made with another config" in capsys.readouterr().err
+    assert (root / "report.md").read_text() == report  # nothing was touched
+
+
+def test_failed_stage_is_reported_and_exit_code_says_incomplete(tmp_path, capsys):
+    code = study(tmp_path, f"--baseline.ckpt={tmp_path / 'missing.ckpt'}", "--stages=[baseline, ptq, report]")
+    assert code == 1
+    out = capsys.readouterr()
+    assert "[study] baseline: FAILED" in out.out and "incomplete" in out.err
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert "## Stages that failed" in report and "missing.ckpt does not exist" in report
