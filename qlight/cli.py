@@ -40,7 +40,7 @@ def main(args: list[str] | None = None) -> None:
             CIFAR100DataModule,
             trainer_defaults={**TRAINER_DEFAULTS, "callbacks": _default_callbacks()},
             save_config_kwargs={"overwrite": True},
-            args=argv,
+            args=None if args is None else argv,
         )
     except QlightError as err:
         print(f"error: {err}", file=sys.stderr)

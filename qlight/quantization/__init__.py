@@ -1,6 +1,12 @@
 """Quantization recipes (torchao), the PTQ and QAT callbacks and the quantized file format."""
 
-from qlight.quantization.fake_quant import FakeQuantizedConv2d
+import logging
+
+# torchao 0.18 registers an Enum that newer torch handles natively; torch logs a deprecation line
+# on every import that users can do nothing about.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+from qlight.quantization.fake_quant import FakeQuantizedConv2d  # noqa: E402
 from qlight.quantization.ptq import PostTrainingQuantization
 from qlight.quantization.qat import QuantizationAwareTraining
 from qlight.quantization.recipes import (

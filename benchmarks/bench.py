@@ -1,0 +1,220 @@
+"""Training and inference throughput of qlight against a plain PyTorch loop, in one process.
+
+    python benchmarks/bench.py            # full sizes (meant for a GPU)
+    python benchmarks/bench.py --quick    # small sizes on whatever device is present (CPU: ~3 min)
+
+Prints a table, then one JSON line with ``fit_vs_plain`` (qlight fit images/s over the plain
+loop's), ``qat_vs_plain`` (QAT int4 step time over the plain loop's) and the rest of the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from qlight import CIFAR100DataModule, ImageClassifier, PostTrainingQuantization, QuantizationAwareTraining
+from qlight.data import normalize, random_crop_flip, synthetic_images
+from qlight.models import vgg11_bn
+from qlight.quantization import parse_recipe, quantizable_modules
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, device: torch.device) -> float:
+    """(a) The baseline: data on the device, the same augmentation, model, optimizer and schedule."""
+    model = vgg11_bn(100).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.warmup + args.steps)
+    images, labels = images.to(device), labels.to(device)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start = 0.0
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            sync(device)
+            start = time.perf_counter()
+        index = torch.randint(0, len(labels), (args.batch_size,), device=device)
+        x = normalize(random_crop_flip(images[index]))
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+    sync(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+class StepTimer(Callback):
+    """Images/s between the end of warm-up and the last training batch."""
+
+    def __init__(self, warmup: int, batch_size: int) -> None:
+        self.warmup, self.batch_size = warmup, batch_size
+        self.start = self.images_per_s = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        sync(pl_module.device)
+        self.images_per_s = (trainer.global_step - self.warmup) * self.batch_size / (time.perf_counter() - self.start)
+
+
+def datamodule(args: argparse.Namespace) -> CIFAR100DataModule:
+    return CIFAR100DataModule(
+        batch_size=args.batch_size, val_size=0, synthetic=True, synthetic_train_size=args.images,
+        synthetic_test_size=args.test_images, num_workers=0, augment_on_device=True,
+    )
+
+
+def trainer(args: argparse.Namespace, callbacks: list, max_steps: int) -> Trainer:
+    return Trainer(
+        accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=max_steps, callbacks=callbacks,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, benchmark=args.accelerator == "gpu",
+    )
+
+
+def qlight_fit(args: argparse.Namespace, extra: list) -> float:
+    """(b)/(c) Trainer + ImageClassifier + CIFAR100DataModule's on-device path, optionally with QAT."""
+    timer = StepTimer(args.warmup, args.batch_size)
+    trainer(args, [timer, *extra], args.warmup + args.steps).fit(ImageClassifier(), datamodule(args))
+    return timer.images_per_s
+
+
+def data_path(args: argparse.Namespace, device: torch.device) -> float:
+    """(f) Loading and augmentation alone, as the fit path runs them."""
+    dm = datamodule(args)
+    dm.setup("fit")
+    batches, start, seen = 0, 0.0, 0
+    while batches < args.warmup + args.steps * 4:
+        for images, labels in dm.train_dataloader():
+            if batches == args.warmup:
+                sync(device)
+                start, seen = time.perf_counter(), 0
+            x = normalize(random_crop_flip(images.to(device, non_blocking=True)))
+            seen += len(x)
+            batches += 1
+            if batches >= args.warmup + args.steps * 4:
+                break
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def ptq_seconds(args: argparse.Namespace) -> dict[str, float]:
+    """(d) Time to quantize and evaluate each recipe on the test set."""
+    ptq = PostTrainingQuantization(args.recipes, run_on=["test"], calibration_batches=4, save_models=False)
+    trainer(args, [ptq], 1).test(ImageClassifier(), datamodule(args), verbose=False)
+    return {row["recipe"]: row["seconds"] for row in ptq.results}
+
+
+def inference(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """(e) Forward throughput of quantized VGG-11-BN models (int8_static runs on the CPU)."""
+    source = ImageClassifier().eval()
+    x, _ = synthetic_images(args.batch_size, 100, seed=0)
+    x = normalize(x)
+    targets = set(quantizable_modules(source))
+    result = {}
+    for name in args.inference:
+        recipe = parse_recipe(name)
+        where = torch.device("cpu") if recipe.static else device
+        model = recipe.quantize(copy.deepcopy(source).to(where), targets, [x[: args.batch_size]])
+        if recipe.static and args.compile_int8:
+            model = torch.compile(model)
+        batch = x.to(where, recipe.input_dtype)
+        result[name] = _throughput(lambda: model(batch), args, where)
+    return result
+
+
+@torch.no_grad()
+def _throughput(step: Callable[[], Any], args: argparse.Namespace, device: torch.device) -> float:
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes on whatever device is present")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--steps", type=int, help="measured steps per configuration")
+    parser.add_argument("--warmup", type=int, help="unmeasured steps first")
+    parser.add_argument("--images", type=int, help="synthetic training images")
+    parser.add_argument("--test-images", type=int, help="synthetic test images for PTQ")
+    parser.add_argument("--recipes", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int6", "int4", "int2", "int8_static"])
+    parser.add_argument("--inference", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int8_static"])
+    parser.add_argument("--compile-int8", action="store_true", help="torch.compile the CPU int8 static model (slow warm-up)")
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    quick = {"batch_size": 32, "steps": 16, "warmup": 3, "images": 2048, "test_images": 256}
+    full = {"batch_size": 512, "steps": 200, "warmup": 30, "images": 50000, "test_images": 10000}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.accelerator = "gpu" if gpu else "cpu"
+    args.precision = "bf16-mixed" if gpu else "32-true"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    torch.backends.cudnn.benchmark = True
+    images, labels = synthetic_images(args.images, 100, seed=0)
+    rows: dict[str, float] = {}
+    rows["plain loop"] = plain_loop(images, labels, args, device)
+    rows["qlight fit"] = qlight_fit(args, [])
+    rows["qlight fit + QAT int4 weights"] = qlight_fit(args, [QuantizationAwareTraining(weight_bits=4, eval_every_epoch=False)])
+    rows["qlight fit + QAT int4 w + int8 act"] = qlight_fit(args, [QuantizationAwareTraining(weight_bits=4, activation_bits=8, eval_every_epoch=False)])
+    rows["data path (load + augment)"] = data_path(args, device)
+    inference_ips = inference(args, device)
+    seconds = ptq_seconds(args)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"\n{device_name}, torch {torch.__version__}, batch {args.batch_size}, {args.precision}, {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'training (images/s)':<40}{'':>12}")
+    for name, value in rows.items():
+        print(f"  {name:<38}{value:>12.0f}")
+    print("inference (images/s)")
+    for name, value in inference_ips.items():
+        print(f"  {name:<38}{value:>12.0f}")
+    print(f"PTQ quantize + evaluate ({args.test_images} test images, seconds)")
+    for name, value in seconds.items():
+        print(f"  {name:<38}{value:>12.2f}")
+    summary = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "fit_vs_plain": rows["qlight fit"] / rows["plain loop"],
+        "qat_vs_plain": rows["plain loop"] / rows["qlight fit + QAT int4 weights"],
+        "qat_act_vs_plain": rows["plain loop"] / rows["qlight fit + QAT int4 w + int8 act"],
+        "data_vs_model": rows["data path (load + augment)"] / rows["plain loop"],
+        "train_images_per_s": rows,
+        "inference_images_per_s": inference_ips,
+        "ptq_seconds": seconds,
+        "ptq_sweep_seconds": sum(seconds.values()),
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
