@@ -66,7 +66,7 @@ class ImageClassifier(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         loss = self.criterion(self(images), labels)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # not on the progress bar: showing it reads it back every step
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy) -> None:

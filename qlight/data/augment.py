@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -28,8 +30,15 @@ def random_crop_flip(images: Tensor, padding: int = 4, generator: torch.Generato
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+@functools.lru_cache(maxsize=16)
+def _shift_scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    # Cached per device: building them anew is a pageable host-to-GPU copy, which waits for the GPU
+    # to finish all queued work and so stalls the input pipeline every step.
+    shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+    return shift, 1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+
+
 def normalize(images: Tensor, mean: tuple[float, ...] = CIFAR100_MEAN, std: tuple[float, ...] = CIFAR100_STD) -> Tensor:
     """uint8 (N, C, H, W) in [0, 255] to float32, standardized per channel."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    inv_std = 1.0 / (torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255)
-    return (images.float() - mean_t) * inv_std
+    shift, scale = _shift_scale(tuple(mean), tuple(std), images.device)
+    return (images.float() - shift) * scale
