@@ -79,7 +79,7 @@ def _rows(path):
 
 
 def test_ptq_on_real_digits_in_a_foreign_module(tmp_path, digits_checkpoint):
-    ptq = PostTrainingQuantization(recipes=["fp32", "bf16", "int8", "int2", "int8_static"], output_dir=str(tmp_path / "ptq"))
+    ptq = PostTrainingQuantization(recipes=["fp32", "bf16", "int8", "int2", "int8_static", "w4a8_static"], output_dir=str(tmp_path / "ptq"))
     model = DigitsNet.load_from_checkpoint(digits_checkpoint)
     trainer(tmp_path, [ptq]).test(model)
     rows = _rows(tmp_path / "ptq" / "results.csv")
@@ -87,6 +87,7 @@ def test_ptq_on_real_digits_in_a_foreign_module(tmp_path, digits_checkpoint):
     assert acc["fp32"] > 0.9, acc
     assert abs(acc["int8"] - acc["fp32"]) <= 0.01, acc
     assert abs(acc["int8_static"] - acc["fp32"]) <= 0.02, acc
+    assert acc["w4a8_static"] >= acc["fp32"] - 0.05, acc
     assert acc["int2"] < acc["int8"] - 0.02, acc  # fails if quantization does nothing
     assert int(rows["int2"]["quantized_modules"]) == 3  # the 1-channel input conv stays float
     loaded = load_quantized(tmp_path / "ptq" / "int2.pt")

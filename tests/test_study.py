@@ -83,6 +83,15 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     assert {"gradient/fp16", "gradient/bf16", "activation/fp16", "activation/bf16"} <= set(numerics)
     assert numerics["gradient/fp16"]["count"] > 0
 
+    # a study killed during QAT int2: the rerun resumes from its last checkpoint and keeps its rows
+    (root / "qat_int2" / "model.pt").unlink()
+    assert study(tmp_path, "--stages=[qat, report]") == 0
+    third = capsys.readouterr().out
+    assert "[study] qat_int4: skipped" in third and "[study] qat_int2: done" in third
+    rows = read_csv(root / "qat_int2" / "results.csv")
+    assert [(r["epoch"], r["fake_quant"]) for r in rows][:2] == [("0", "on"), ("1", "on")] and rows[-1]["fake_quant"] == "converted"
+    report = (root / "report.md").read_text()
+
     assert study(tmp_path, "--seed=1") == 2
     assert "holds a study made with another config" in capsys.readouterr().err
     assert (root / "report.md").read_text() == report  # nothing was touched

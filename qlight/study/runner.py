@@ -130,16 +130,13 @@ class Study:
         trainer = self._trainer("baseline", self.config.baseline.epochs, [ModelCheckpoint(out / "checkpoints", monitor="val/acc1", mode="max")])
         model, data = self._model(), self._datamodule()
         start = time.perf_counter()
-        if self.config.baseline.ckpt:
-            if not self.baseline_ckpt.is_file():
-                raise QlightError(f"baseline checkpoint {self.baseline_ckpt} does not exist")
-            best = str(self.baseline_ckpt)
-        else:
+        if not self.config.baseline.ckpt:
             trainer.fit(model, data)
-            best = trainer.checkpoint_callback.best_model_path
-            shutil.copy(best, self.baseline_ckpt)
+            shutil.move(trainer.checkpoint_callback.best_model_path, self.baseline_ckpt)
+        elif not self.baseline_ckpt.is_file():
+            raise QlightError(f"baseline checkpoint {self.baseline_ckpt} does not exist")
         seconds = time.perf_counter() - start
-        test = trainer.test(model, data, ckpt_path=best, verbose=False)[0]
+        test = trainer.test(model, data, ckpt_path=str(self.baseline_ckpt), verbose=False)[0]
         summary = {"checkpoint": str(self.baseline_ckpt), "test_acc1": test["test/acc1"], "test_acc5": test["test/acc5"], "train_seconds": seconds}
         (out / "baseline.json").write_text(json.dumps(summary, indent=2))
 
