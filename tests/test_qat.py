@@ -120,3 +120,26 @@ def test_resume_mid_qat_and_test_from_a_qat_checkpoint(tmp_path, digits_checkpoi
 
     with pytest.raises(QlightError, match="weight_bits"):
         trainer(tmp_path, [QuantizationAwareTraining(weight_bits=4)], max_epochs=2).fit(DigitsNet(), ckpt_path=str(first))
+
+
+def test_learned_scales_train_and_convert_exactly(tmp_path, digits_checkpoint):
+    model, qat = prepared(bits=3, learned_scales=True)
+    conv = model.net[3]
+    scale = conv.weight_fake_quantizer.scale
+    assert isinstance(scale, nn.Parameter) and any(p is scale for p in model.parameters())
+    assert "net.3.weight_fake_quantizer.scale" in model.state_dict()
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "weight_fake_quantizer"):
+                m.weight_fake_quantizer.scale.mul_(1.3)  # no longer the weights' max: conversion must keep them
+    model.eval()
+    converted = qat.convert(model)
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-5
+
+    learned = QuantizationAwareTraining(weight_bits=2, learned_scales=True, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path))
+    trainer(tmp_path, [learned], max_epochs=1).fit(DigitsNet(lr=0.01))
+    assert learned.results[-1]["fake_quant"] == "converted" and learned.results[-1]["acc1"] > 0.8

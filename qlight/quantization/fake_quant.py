@@ -11,11 +11,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig, IntxFakeQuantizer
+from torchao.quantization.quant_primitives import quantize_affine
 
 
-def weight_config(bits: int) -> IntxFakeQuantizeConfig:
-    """Symmetric per-output-channel weights, the QAT twin of :class:`~qlight.quantization.IntxWeightOnly`."""
-    return IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), "per_channel", is_symmetric=True)
+def weight_config(bits: int, learned_scales: bool = False) -> IntxFakeQuantizeConfig:
+    """Symmetric per-output-channel weights, the QAT twin of :class:`~qlight.quantization.IntxWeightOnly`.
+
+    Scales follow the weights' max every step, or with ``learned_scales`` start there and are
+    trained (LSQ-style; torchao's ``range_learning``).
+    """
+    return IntxFakeQuantizeConfig(
+        getattr(torch, f"int{bits}"), "per_channel", is_symmetric=True, is_dynamic=not learned_scales, range_learning=learned_scales
+    )
 
 
 def activation_config(bits: int) -> IntxFakeQuantizeConfig:
@@ -23,12 +30,21 @@ def activation_config(bits: int) -> IntxFakeQuantizeConfig:
     return IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), "per_token", is_symmetric=False, is_dynamic=True)
 
 
-def _channels_last_apply(quantizer: IntxFakeQuantizer, x: Tensor) -> Tensor:
+def _rows(x: Tensor) -> Tensor:
     # torchao groups along the last dim of a 2-D tensor: move channels there, one row per
-    # (out-channel or image, kh or h, kw or w), and back.
-    n, c, h, w = x.shape
-    rows = quantizer(x.permute(0, 2, 3, 1).reshape(-1, c))
-    return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+    # (out-channel or image, kh or h, kw or w).
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
+
+
+def _unrows(rows: Tensor, shape: torch.Size) -> Tensor:
+    if len(shape) != 4:
+        return rows
+    n, c, h, w = shape
+    return rows.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _channels_last_apply(quantizer: IntxFakeQuantizer, x: Tensor) -> Tensor:
+    return _unrows(quantizer(_rows(x)), x.shape)
 
 
 class FakeQuantizedConv2d(nn.Conv2d):
@@ -100,6 +116,34 @@ def remove_fake_quant(model: nn.Module) -> list[str]:
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, plain)
     return names
+
+
+def weight_qparams(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """The integer codes (in the weight's layout) and scales (in torchao's ``IntxUnpackedToInt8Tensor``
+    layout) that a fake-quantized module's forward uses for its current weight."""
+    quantizer = module.weight_fake_quantizer
+    weight = module.weight.detach()
+    rows = _rows(weight)
+    with torch.no_grad():
+        quantizer(rows)  # refreshes per-step scales; learned ones stay as trained
+    scale = quantizer.scale.detach().reshape(rows.shape[0], 1)
+    bits = int(str(quantizer.config.dtype).removeprefix("torch.int"))
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    codes = quantize_affine(rows, (1, rows.shape[1]), scale, torch.zeros_like(scale, dtype=torch.int32), torch.int8, qmin, qmax)
+    if weight.dim() == 4:  # torchao keeps one conv scale per (out, kh, kw) as (O, 1, kh, kw)
+        scale = scale.reshape(weight.shape[0], 1, *weight.shape[2:])
+    return _unrows(codes, weight.shape), scale
+
+
+def init_learned_scales(model: nn.Module) -> None:
+    """Give every learned-scale weight quantizer its starting scales (from the weights) now, so
+    they are parameters before the optimizer is built and before a checkpoint is restored."""
+    for module in model.modules():
+        if isinstance(module, FAKE_QUANTIZED) and module.weight_fake_quantizer.config.range_learning:
+            # What torchao's initialize_fake_quantizers does, on the weights alone: no example input.
+            module.weight_fake_quantizer._initialized = True
+            with torch.no_grad():
+                module.weight_fake_quantizer(_rows(module.weight))
 
 
 def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:

@@ -17,10 +17,12 @@ from qlight.quantization.evaluation import evaluate, transferred_batches
 from qlight.quantization.fake_quant import (
     FAKE_QUANTIZED,
     activation_config,
+    init_learned_scales,
     insert_fake_quant,
     remove_fake_quant,
     set_fake_quant_enabled,
     weight_config,
+    weight_qparams,
 )
 from qlight.quantization.ptq import dataloader, output_dir
 from qlight.quantization.recipes import MAX_BITS, MIN_BITS, IntxWeightOnly, quantizable_modules
@@ -51,6 +53,8 @@ class QuantizationAwareTraining(Callback):
         weight_bits: weight bit-width, 2..8 (symmetric, per output channel).
         activation_bits: optional dynamic per-token activation fake-quant, 2..8. Training only:
             the converted model keeps float activations.
+        learned_scales: train the weight scales (LSQ-style, torchao's ``range_learning``), starting
+            from the weights' max, instead of recomputing them from the weights every step.
         start_epoch: first epoch with fake-quant on (earlier epochs train in float).
         freeze_bn_epoch: from this epoch on BatchNorm layers use their running statistics.
         keep_first: leave the first Conv2d/Linear in float.
@@ -67,6 +71,7 @@ class QuantizationAwareTraining(Callback):
         self,
         weight_bits: int | None = 4,
         activation_bits: int | None = None,
+        learned_scales: bool = False,
         start_epoch: int = 0,
         freeze_bn_epoch: int | None = None,
         keep_first: bool = False,
@@ -88,6 +93,7 @@ class QuantizationAwareTraining(Callback):
             raise QlightError(f"freeze_bn_epoch must be 0 or more, got {freeze_bn_epoch}")
         self.weight_bits = weight_bits
         self.activation_bits = activation_bits
+        self.learned_scales = learned_scales
         self.start_epoch = start_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.keep_first = keep_first
@@ -115,9 +121,10 @@ class QuantizationAwareTraining(Callback):
         insert_fake_quant(
             pl_module,
             targets,
-            weight_config(self.weight_bits),
+            weight_config(self.weight_bits, self.learned_scales),
             activation_config(self.activation_bits) if self.activation_bits else None,
         )
+        init_learned_scales(pl_module)
         set_fake_quant_enabled(pl_module, stage != "fit" or self.start_epoch == 0)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -137,7 +144,7 @@ class QuantizationAwareTraining(Callback):
         row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, converted=True)
         out = output_dir(trainer, self.output_dir, "qat")
         example = next(iter(transferred_batches(trainer, pl_module, dataloader(trainer, pl_module, "test"), 1)))[0]
-        payload = quantized_bytes(converted, self.recipe.name, self._targets(pl_module), _plain_copy(pl_module), example)
+        payload = quantized_bytes(converted, self.recipe.name, self._targets(pl_module), pl_module, example)
         if trainer.is_global_zero:
             out.mkdir(parents=True, exist_ok=True)
             (out / "model.pt").write_bytes(payload)
@@ -146,9 +153,18 @@ class QuantizationAwareTraining(Callback):
         trainer.strategy.barrier("qlight_qat")
 
     def convert(self, pl_module: LightningModule) -> nn.Module:
-        """A copy of ``pl_module`` with torchao quantized weights in place of the fake-quant modules."""
-        model = _plain_copy(pl_module)
-        return self.recipe.quantize(model, set(self._targets(pl_module)))
+        """A copy of ``pl_module`` with torchao quantized weights in place of the fake-quant modules,
+        holding exactly the integer codes and scales that the fake-quant forward uses."""
+        model = copy.deepcopy(pl_module).eval()
+        set_fake_quant_enabled(model, True)
+        qparams = {name: weight_qparams(model.get_submodule(name)) for name in self._targets(model)}
+        remove_fake_quant(model)
+        model = self.recipe.quantize(model, set(qparams))
+        for name, (codes, scale) in qparams.items():
+            weight = model.get_submodule(name).weight
+            weight.qdata.copy_(codes)
+            weight.scale.copy_(scale)
+        return model
 
     @staticmethod
     def _targets(pl_module: LightningModule) -> list[str]:
@@ -174,23 +190,17 @@ class QuantizationAwareTraining(Callback):
             (out / "results.md").write_text(f"# QAT int{self.weight_bits}\n\n{markdown_table(self.results, COLUMNS)}")
         return row
 
+    def _settings(self) -> dict[str, Any]:
+        return {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits, "learned_scales": self.learned_scales}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits, "results": self.results}
+        return {**self._settings(), "results": self.results}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = (state_dict["weight_bits"], state_dict["activation_bits"])
-        if saved != (self.weight_bits, self.activation_bits):
-            raise QlightError(
-                f"the checkpoint was trained with QAT weight_bits/activation_bits={saved}, "
-                f"this callback has {(self.weight_bits, self.activation_bits)}"
-            )
+        saved = {key: state_dict.get(key, False) for key in self._settings()}
+        if saved != self._settings():
+            raise QlightError(f"the checkpoint was trained with QAT {saved}, this callback has {self._settings()}")
         self.results = list(state_dict["results"])
-
-
-def _plain_copy(pl_module: LightningModule) -> LightningModule:
-    model = copy.deepcopy(pl_module).eval()
-    remove_fake_quant(model)
-    return model
 
 
 def _load_baseline(pl_module: LightningModule, path: str) -> None:
