@@ -143,3 +143,14 @@ def test_learned_scales_train_and_convert_exactly(tmp_path, digits_checkpoint):
     learned = QuantizationAwareTraining(weight_bits=2, learned_scales=True, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path))
     trainer(tmp_path, [learned], max_epochs=1).fit(DigitsNet(lr=0.01))
     assert learned.results[-1]["fake_quant"] == "converted" and learned.results[-1]["acc1"] > 0.8
+
+
+def test_qat_under_ddp_writes_once_with_synced_metrics(tmp_path, digits_checkpoint):
+    qat = QuantizationAwareTraining(weight_bits=4, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path / "qat"))
+    trainer(tmp_path, [qat], max_epochs=1, devices=2, strategy="ddp_spawn").fit(DigitsNet(lr=0.01))
+    rows = (tmp_path / "qat" / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,split") and len(rows) == 3  # header, epoch 0, converted
+    x, y = DigitsNet().test_data.tensors
+    with torch.no_grad():
+        acc = (load_quantized(tmp_path / "qat" / "model.pt")(x).argmax(1) == y).float().mean().item()
+    assert abs(acc - float(rows[-1].split(",")[3])) < 1e-6  # the converted row counts every test image once
