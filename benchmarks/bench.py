@@ -101,7 +101,7 @@ def data_path(args: argparse.Namespace, device: torch.device) -> float:
     dm.setup("fit")
     batches, start, seen = 0, 0.0, 0
     while batches < args.warmup + args.steps * 4:
-        for images, labels in dm.train_dataloader():
+        for images, _ in dm.train_dataloader():
             if batches == args.warmup:
                 sync(device)
                 start, seen = time.perf_counter(), 0
@@ -135,18 +135,18 @@ def inference(args: argparse.Namespace, device: torch.device) -> dict[str, float
         if recipe.static and args.compile_int8:
             model = torch.compile(model)
         batch = x.to(where, recipe.input_dtype)
-        result[name] = _throughput(lambda: model(batch), args, where)
+        result[name] = _throughput(model, batch, args, where)
     return result
 
 
 @torch.no_grad()
-def _throughput(step: Callable[[], Any], args: argparse.Namespace, device: torch.device) -> float:
+def _throughput(model: torch.nn.Module, batch: torch.Tensor, args: argparse.Namespace, device: torch.device) -> float:
     for _ in range(args.warmup):
-        step()
+        model(batch)
     sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        model(batch)
     sync(device)
     return args.steps * args.batch_size / (time.perf_counter() - start)
 

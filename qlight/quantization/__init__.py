@@ -6,7 +6,7 @@ import logging
 # on every import that users can do nothing about.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from qlight.quantization.fake_quant import FakeQuantizedConv2d  # noqa: E402
+from qlight.quantization.fake_quant import FakeQuantizedConv2d
 from qlight.quantization.ptq import PostTrainingQuantization
 from qlight.quantization.qat import QuantizationAwareTraining
 from qlight.quantization.recipes import (

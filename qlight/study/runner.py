@@ -25,7 +25,6 @@ from qlight.classifier import ImageClassifier
 from qlight.data import CIFAR100DataModule
 from qlight.errors import QlightError
 from qlight.quantization import PostTrainingQuantization, QuantizationAwareTraining
-from qlight.quantization.reporting import read_csv
 from qlight.study.numerics import PrecisionStats
 
 STAGES = ("baseline", "ptq", "qat", "precision", "report")
