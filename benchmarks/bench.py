@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import platform
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -84,7 +85,7 @@ def trainer(args: argparse.Namespace, callbacks: list, max_steps: int) -> Traine
     return Trainer(
         accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=max_steps, callbacks=callbacks,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, benchmark=args.accelerator == "gpu",
+        limit_val_batches=0, num_sanity_val_steps=0, benchmark=args.accelerator == "gpu", default_root_dir=args.workdir,
     )
 
 
@@ -163,7 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipes", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int6", "int4", "int2", "int8_static"])
     parser.add_argument("--inference", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int8_static"])
     parser.add_argument("--compile-int8", action="store_true", help="torch.compile the CPU int8 static model (slow warm-up)")
+    parser.add_argument("--workdir", help="where the callbacks may write (default: a new temporary folder)")
     args = parser.parse_args(argv)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="qlight-bench-")
     gpu = torch.cuda.is_available()
     quick = {"batch_size": 32, "steps": 12, "warmup": 3, "repeats": 3, "images": 2048, "test_images": 256}
     full = {"batch_size": 512, "steps": 200, "warmup": 30, "repeats": 2, "images": 50000, "test_images": 10000}

@@ -4,13 +4,13 @@ import importlib.util
 from pathlib import Path
 
 
-def test_benchmark_runs_end_to_end_on_tiny_sizes(capsys):
+def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     summary = bench.main([
         "--quick", "--steps=2", "--warmup=1", "--repeats=1", "--batch-size=4", "--images=64", "--test-images=16",
-        "--recipes", "fp32", "int4", "--inference", "fp32", "int8",
+        f"--workdir={tmp_path}", "--recipes", "fp32", "int4", "--inference", "fp32", "int8",
     ])
     assert set(summary["train_images_per_s"]) == {
         "plain loop", "qlight fit", "qlight fit + QAT int4 weights", "qlight fit + QAT int4 w + int8 act", "data path (load + augment)",
@@ -19,3 +19,4 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(capsys):
     assert summary["fit_vs_plain"] > 0 and summary["qat_vs_plain"] > 0
     assert set(summary["ptq_seconds"]) == {"fp32", "int4"} and set(summary["inference_images_per_s"]) == {"fp32", "int8"}
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
+    assert (tmp_path / "ptq" / "results.csv").is_file() and (tmp_path / "qat" / "model.pt").is_file()
