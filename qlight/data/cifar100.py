@@ -167,16 +167,16 @@ class CIFAR100DataModule(LightningDataModule):
         self.test_set = TensorDataset(*test)
         self.val_set = TensorDataset(train[0][val_idx], train[1][val_idx]) if self.val_size else self.test_set
 
-    def _on_device(self) -> bool:
-        if self.augment_on_device is not None:
-            return self.augment_on_device
+    def _on_gpu(self) -> bool:
         return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
+    def _on_device(self) -> bool:
+        return self._on_gpu() if self.augment_on_device is None else self.augment_on_device
 
     def _batches(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         # Whole batches are gathered with one tensor index: no per-image collate, no workers.
         order = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else SequentialSampler(dataset)
-        pin = torch.cuda.is_available() and self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(order, self.batch_size, drop_last), pin_memory=pin)
+        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(order, self.batch_size, drop_last), pin_memory=self._on_gpu())
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup('fit') first"
