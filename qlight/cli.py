@@ -11,6 +11,10 @@ from qlight.classifier import ImageClassifier
 from qlight.data import CIFAR100DataModule
 from qlight.errors import QlightError
 
+DESCRIPTION = (
+    "Train, test and quantize image classifiers. The whole quantization study: "
+    "python -m qlight study --config configs/study.yaml (python -m qlight study --help)."
+)
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -40,6 +44,7 @@ def main(args: list[str] | None = None) -> None:
             CIFAR100DataModule,
             trainer_defaults={**TRAINER_DEFAULTS, "callbacks": _default_callbacks()},
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "python -m qlight", "description": DESCRIPTION},
             args=None if args is None else argv,
         )
     except QlightError as err:
