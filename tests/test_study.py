@@ -104,3 +104,18 @@ def test_failed_stage_is_reported_and_exit_code_says_incomplete(tmp_path, capsys
     assert "[study] baseline: FAILED" in out.out and "incomplete" in out.err
     report = (tmp_path / "study" / "report.md").read_text()
     assert "## Stages that failed" in report and "missing.ckpt does not exist" in report
+
+
+def test_precision_stats_counts_gradscaler_changes_on_the_device():
+    from types import SimpleNamespace
+
+    from qlight.study import PrecisionStats
+
+    stats = PrecisionStats(every_n_steps=1000)
+    scaler = SimpleNamespace(_scale=None)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), global_step=5)
+    for value in (65536.0, 32768.0, 32768.0, 65536.0, 16384.0):  # drop, keep, grow, drop
+        scaler._scale = torch.tensor(value)
+        stats.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, 0)
+    summary = stats.summary()["scaler"]
+    assert summary == {"skipped_steps": 2, "scale_decreases": 2, "scale_increases": 1, "final_scale": 16384.0}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import torch
@@ -45,11 +45,11 @@ class PrecisionStats(Callback):
         if every_n_steps < 1:
             raise QlightError(f"every_n_steps must be at least 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
-        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.scaler = {"skipped_steps": 0, "scale_increases": 0, "scale_decreases": 0, "final_scale": None}
+        self.counts: dict[str, Counter] = defaultdict(Counter)
+        self._scale_changes: list[Any] = [0, 0]  # decreases, increases (device tensors once counting)
         self.losses: list[tuple[int, float]] = []  # (step, training loss) at the sampled steps
         self._hooks: list[Any] = []
-        self._last_scale: float | None = None
+        self._last_scale: Tensor | None = None
 
     def _sampling(self, trainer: Trainer) -> bool:
         return trainer.global_step % self.every_n_steps == 0
@@ -81,16 +81,14 @@ class PrecisionStats(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss) and (trainer.global_step - 1) % self.every_n_steps == 0:
             self.losses.append((trainer.global_step, float(loss)))
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None:
+        scale = getattr(getattr(trainer.precision_plugin, "scaler", None), "_scale", None)
+        if scale is None:  # no GradScaler (bf16, fp32) or not yet initialized
             return
-        scale = float(scaler.get_scale())
-        if self._last_scale is not None and scale != self._last_scale:
-            key = "scale_decreases" if scale < self._last_scale else "scale_increases"
-            self.scaler[key] += 1
-            # GradScaler lowers the scale exactly when it skipped the step for inf/NaN gradients
-            self.scaler["skipped_steps"] += key == "scale_decreases"
-        self._last_scale = self.scaler["final_scale"] = scale
+        if self._last_scale is not None:
+            # Compared on the device: GradScaler.get_scale() would wait for the GPU every step.
+            self._scale_changes[0] += scale < self._last_scale
+            self._scale_changes[1] += scale > self._last_scale
+        self._last_scale = scale.clone()
 
     def summary(self) -> dict[str, Any]:
         """``{"values": {"gradient/fp16": {"count", "overflow", ..., "overflow_share", ...}},
@@ -99,4 +97,12 @@ class PrecisionStats(Callback):
         for key, counts in sorted(self.counts.items()):
             total = max(counts["count"], 1)
             values[key] = {**counts, **{f"{k}_share": counts[k] / total for k in ("overflow", "underflow", "subnormal")}}
-        return {"values": values, "scaler": dict(self.scaler), "losses": [list(x) for x in self.losses]}
+        decreases, increases = (int(n) for n in self._scale_changes)
+        scaler = {
+            # GradScaler lowers the scale exactly when it skipped a step for inf/NaN gradients.
+            "skipped_steps": decreases,
+            "scale_decreases": decreases,
+            "scale_increases": increases,
+            "final_scale": None if self._last_scale is None else float(self._last_scale),
+        }
+        return {"values": values, "scaler": scaler, "losses": [list(x) for x in self.losses]}
