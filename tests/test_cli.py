@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from qlight import load_quantized
 from qlight.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +58,15 @@ def test_missing_dataset_is_one_clear_line(tmp_path):
 def test_unknown_config_key_is_rejected_by_name(tmp_path):
     out = _run("fit", "--config", str(ROOT / "configs/smoke.yaml"), "--model.learning_rate=1", cwd=tmp_path)
     assert out.returncode != 0 and "learning_rate" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_qat_int4_smoke_through_the_cli_writes_a_loadable_int4_model(tmp_path):
+    main(["fit", "--config", str(ROOT / "configs/qat_int4.yaml"), "--config", str(ROOT / "configs/smoke.yaml"),
+          *TINY, f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    qat_dir = tmp_path / "qat_int4" / "version_0" / "qat"
+    rows = (qat_dir / "results.csv").read_text().splitlines()
+    assert [r.split(",")[2] for r in rows[1:]] == ["on", "converted"]  # one epoch, then the converted model
+    model = load_quantized(qat_dir / "model.pt")  # rebuilt from the hyperparameters LightningCLI saved
+    weight = model.model.features[4].weight  # the second conv
+    groups = weight.qdata.permute(0, 2, 3, 1).reshape(-1, weight.qdata.shape[1])
+    assert max(len(torch.unique(g)) for g in groups) <= 16

@@ -100,7 +100,8 @@ def _instantiate(spec: dict[str, Any]) -> nn.Module:
             f"cannot rebuild {spec['class_path']} from its hyperparameters: pass the model, "
             "load_quantized(path, model=MyModel(...)), or call self.save_hyperparameters() in its __init__"
         )
-    return cls(**spec["init_args"])
+    # LightningCLI adds private entries (``_instantiator``, ``_class_path``) to the hyperparameters.
+    return cls(**{key: value for key, value in spec["init_args"].items() if not key.startswith("_")})
 
 
 def load_quantized(path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
