@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig, IntxFakeQuantizer
 from torchao.quantization.quant_primitives import quantize_affine
 
+from qlight.quantization.recipes import dtype_bits, int_dtype
+
 
 def weight_config(bits: int, learned_scales: bool = False) -> IntxFakeQuantizeConfig:
     """Symmetric per-output-channel weights, the QAT twin of :class:`~qlight.quantization.IntxWeightOnly`.
@@ -21,13 +23,13 @@ def weight_config(bits: int, learned_scales: bool = False) -> IntxFakeQuantizeCo
     trained (LSQ-style; torchao's ``range_learning``).
     """
     return IntxFakeQuantizeConfig(
-        getattr(torch, f"int{bits}"), "per_channel", is_symmetric=True, is_dynamic=not learned_scales, range_learning=learned_scales
+        int_dtype(bits), "per_channel", is_symmetric=True, is_dynamic=not learned_scales, range_learning=learned_scales
     )
 
 
 def activation_config(bits: int) -> IntxFakeQuantizeConfig:
     """Dynamic asymmetric per-token activations (per pixel across channels on conv inputs)."""
-    return IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), "per_token", is_symmetric=False, is_dynamic=True)
+    return IntxFakeQuantizeConfig(int_dtype(bits), "per_token", is_symmetric=False, is_dynamic=True)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -127,7 +129,7 @@ def weight_qparams(module: nn.Module) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         quantizer(rows)  # refreshes per-step scales; learned ones stay as trained
     scale = quantizer.scale.detach().reshape(rows.shape[0], 1)
-    bits = int(str(quantizer.config.dtype).removeprefix("torch.int"))
+    bits = dtype_bits(quantizer.config.dtype)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     codes = quantize_affine(rows, (1, rows.shape[1]), scale, torch.zeros_like(scale, dtype=torch.int32), torch.int8, qmin, qmax)
     if weight.dim() == 4:  # torchao keeps one conv scale per (out, kh, kw) as (O, 1, kh, kw)

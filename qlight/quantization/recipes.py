@@ -23,6 +23,16 @@ FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 MIN_BITS, MAX_BITS = 2, 8
 
 
+def int_dtype(bits: int) -> torch.dtype:
+    """``torch.int2`` .. ``torch.int8`` for ``bits``."""
+    return getattr(torch, f"int{bits}")
+
+
+def dtype_bits(dtype: torch.dtype) -> int:
+    """Inverse of :func:`int_dtype`."""
+    return int(str(dtype).removeprefix("torch.int"))
+
+
 @dataclass(frozen=True)
 class FloatCast:
     """Cast weights (and inputs) to a float dtype; ``fp32`` is the unquantized reference."""
@@ -51,7 +61,7 @@ class IntxWeightOnly:
         return f"int{self.bits}"
 
     def torchao_config(self) -> IntxWeightOnlyConfig:
-        return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{self.bits}"), granularity=PerAxis(0))
+        return IntxWeightOnlyConfig(weight_dtype=int_dtype(self.bits), granularity=PerAxis(0))
 
     def quantize(self, model: nn.Module, targets: set[str], calibration: Iterable[Tensor] = ()) -> nn.Module:
         quantize_(model, self.torchao_config(), filter_fn=module_filter(targets))

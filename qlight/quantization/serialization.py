@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
 from qlight.errors import QlightError
-from qlight.quantization.recipes import StaticPT2E, export_batched, parse_recipe
+from qlight.quantization.recipes import StaticPT2E, dtype_bits, export_batched, parse_recipe
 
 FORMAT = "qlight.quantized/1"
 
@@ -41,15 +41,11 @@ def unpack_bits(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
     return (unsigned - 2 ** (bits - 1)).to(torch.int8).view(shape)
 
 
-def _bits(tensor: IntxUnpackedToInt8Tensor) -> int:
-    return int(str(tensor.target_dtype).removeprefix("torch.int"))
-
-
 def _pack_state(state: dict[str, Any]) -> dict[str, Any]:
     packed: dict[str, Any] = {}
     for key, value in state.items():
         if isinstance(value, IntxUnpackedToInt8Tensor):
-            bits = _bits(value)
+            bits = dtype_bits(value.target_dtype)
             packed[key] = {
                 "codes": pack_bits(value.qdata, bits) if bits < 8 else value.qdata,
                 "shape": list(value.qdata.shape),
