@@ -1,14 +1,34 @@
-"""Top-1/top-5 evaluation of any classifier on a Lightning module's own batches."""
+"""Working with a LightningModule outside the Trainer's loops: copies, loaders, batches, accuracy."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+import copy
+from typing import Any, Iterable, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor, nn
+
+
+def detached_copy(pl_module: LightningModule) -> LightningModule:
+    """A deep copy in eval mode; ``LightningModule.__getstate__`` drops the trainer, so it stays behind."""
+    return copy.deepcopy(pl_module).eval()
+
+
+def dataloader(trainer: Trainer, pl_module: LightningModule, split: Literal["train", "val", "test"]) -> Any:
+    """The DataModule's (or else the module's) own loader for ``split``.
+
+    The DataModule is set up for the split's stage unless the running stage already did it (fit
+    sets up train and val, test sets up test), so per-epoch calls do not reload data.
+    """
+    if trainer.datamodule is None:
+        return getattr(pl_module, f"{split}_dataloader")()
+    stage = "test" if split == "test" else "fit"
+    if trainer.state.fn != stage:
+        trainer.datamodule.setup(stage)
+    return getattr(trainer.datamodule, f"{split}_dataloader")()
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
@@ -14,28 +13,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from qlight.errors import QlightError
-from qlight.quantization.evaluation import evaluate, transferred_batches
+from qlight.quantization.evaluation import dataloader, detached_copy, evaluate, transferred_batches
 from qlight.quantization.recipes import FloatCast, Recipe, parse_recipe, quantizable_modules
-from qlight.quantization.reporting import log_to_loggers, markdown_table, write_csv
+from qlight.quantization.reporting import log_to_loggers, markdown_table, output_dir, write_csv
 from qlight.quantization.serialization import quantized_bytes
 
 COLUMNS = [
     "recipe", "bits", "acc1", "acc5", "delta_acc1", "size_bytes", "size_mib", "compression",
     "quantized_modules", "quantized_params", "seconds", "error",
 ]
-
-
-def output_dir(trainer: Trainer, given: str | None, name: str) -> Path:
-    """``given`` or ``<log_dir>/<name>`` (the logger's version folder, else ``default_root_dir``)."""
-    return Path(given) if given else Path(trainer.log_dir or trainer.default_root_dir) / name
-
-
-def dataloader(trainer: Trainer, pl_module: LightningModule, split: Literal["train", "val", "test"]) -> Any:
-    """The DataModule's (or else the module's) own loader for ``split``, outside any Trainer loop."""
-    source = trainer.datamodule if trainer.datamodule is not None else pl_module
-    if trainer.datamodule is not None:
-        trainer.datamodule.setup("test" if split == "test" else "fit")
-    return getattr(source, f"{split}_dataloader")()
 
 
 class PostTrainingQuantization(Callback):
@@ -104,7 +90,7 @@ class PostTrainingQuantization(Callback):
 
     def run(self, trainer: Trainer, pl_module: LightningModule, checkpoint: str | None = None) -> list[dict[str, Any]]:
         """Quantize, evaluate and save every recipe; returns the table's rows."""
-        source = _detached_copy(pl_module)
+        source = detached_copy(pl_module)
         if checkpoint:
             state = torch.load(checkpoint, map_location=pl_module.device, weights_only=False)["state_dict"]
             source.load_state_dict(state)
@@ -154,11 +140,6 @@ class PostTrainingQuantization(Callback):
         log_to_loggers(trainer, metrics, {"ptq/results": markdown_table(self.results, COLUMNS)})
         trainer.strategy.barrier("qlight_ptq")
         return self.results
-
-
-def _detached_copy(pl_module: LightningModule) -> LightningModule:
-    # LightningModule.__getstate__ drops the trainer, so the copy does not drag it along.
-    return copy.deepcopy(pl_module).eval()
 
 
 def _quantized_counts(model: nn.Module, recipe: Recipe, targets: list[str]) -> dict[str, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from qlight.errors import QlightError
-from qlight.quantization.evaluation import evaluate, transferred_batches
+from qlight.quantization.evaluation import dataloader, detached_copy, evaluate, transferred_batches
 from qlight.quantization.fake_quant import (
     FAKE_QUANTIZED,
     activation_config,
@@ -24,9 +23,8 @@ from qlight.quantization.fake_quant import (
     weight_config,
     weight_qparams,
 )
-from qlight.quantization.ptq import dataloader, output_dir
 from qlight.quantization.recipes import MAX_BITS, MIN_BITS, IntxWeightOnly, quantizable_modules
-from qlight.quantization.reporting import log_to_loggers, markdown_table, write_csv
+from qlight.quantization.reporting import log_to_loggers, markdown_table, output_dir, write_csv
 from qlight.quantization.serialization import quantized_bytes
 
 COLUMNS = ["epoch", "split", "fake_quant", "acc1", "acc5", "seconds"]
@@ -155,7 +153,7 @@ class QuantizationAwareTraining(Callback):
     def convert(self, pl_module: LightningModule) -> nn.Module:
         """A copy of ``pl_module`` with torchao quantized weights in place of the fake-quant modules,
         holding exactly the integer codes and scales that the fake-quant forward uses."""
-        model = copy.deepcopy(pl_module).eval()
+        model = detached_copy(pl_module)
         set_fake_quant_enabled(model, True)
         qparams = {name: weight_qparams(model.get_submodule(name)) for name in self._targets(model)}
         remove_fake_quant(model)

@@ -9,6 +9,11 @@ from typing import Any, Sequence
 from lightning.pytorch import Trainer
 
 
+def output_dir(trainer: Trainer, given: str | None, name: str) -> Path:
+    """``given`` or ``<log_dir>/<name>`` (the logger's version folder, else ``default_root_dir``)."""
+    return Path(given) if given else Path(trainer.log_dir or trainer.default_root_dir) / name
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -40,7 +45,6 @@ def log_to_loggers(trainer: Trainer, metrics: dict[str, float], text: dict[str, 
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
         add_text = getattr(getattr(logger, "experiment", None), "add_text", None) if trainer.is_global_zero else None
-        for tag, body in (text or {}).items():
-            if add_text is not None:
-                add_text(tag, body, step)
+        for tag, body in (text or {}).items() if add_text else ():
+            add_text(tag, body, step)
         logger.save()
