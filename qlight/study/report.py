@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from qlight.quantization.reporting import markdown_table, read_csv  # noqa: E402
-from qlight.study.curves import epochs_to_match, first_bits_with_gap, fit_bit_curve  # noqa: E402
+from qlight.study.curves import BitCurve, epochs_to_match, first_bits_with_gap, fit_bit_curve  # noqa: E402
 
 if TYPE_CHECKING:
     from qlight.study.runner import Study
@@ -36,6 +36,13 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return [{k: _number(v) for k, v in row.items()} for row in read_csv(path)] if path.is_file() else []
 
 
+def _ptq_points(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], float | None, list[tuple[int, float]]]:
+    """Measured PTQ rows by recipe, the fp32 accuracy and the sorted (bits, acc1) of weight-only recipes."""
+    by_name = {r["recipe"]: r for r in rows if r.get("acc1") is not None}
+    ints = sorted((r["bits"], r["acc1"]) for name, r in by_name.items() if name.startswith("int") and "static" not in name)
+    return by_name, by_name.get("fp32", {}).get("acc1"), ints
+
+
 def collect(study: "Study") -> dict[str, Any]:
     """Every number of the study, read back from the files its stages wrote."""
     root = study.dir
@@ -44,9 +51,7 @@ def collect(study: "Study") -> dict[str, Any]:
     results["baseline"] = json.loads(baseline.read_text()) if baseline.is_file() else None
     ptq = _rows(root / "ptq" / "results.csv")
     results["ptq"] = ptq
-    by_name = {r["recipe"]: r for r in ptq if r.get("acc1") is not None}
-    fp32 = by_name.get("fp32", {}).get("acc1")
-    ints = sorted((r["bits"], r["acc1"]) for name, r in by_name.items() if name.startswith("int") and "static" not in name)
+    by_name, fp32, ints = _ptq_points(ptq)
     curve = None
     if fp32 is not None and len({b for b, _ in ints}) >= 2:
         fit = fit_bit_curve([b for b, _ in ints], [a for _, a in ints])
@@ -84,16 +89,15 @@ def collect(study: "Study") -> dict[str, Any]:
 
 def _figures(results: dict[str, Any]) -> dict[str, plt.Figure]:
     figures: dict[str, plt.Figure] = {}
-    by_name = {r["recipe"]: r for r in results["ptq"] if r.get("acc1") is not None}
-    fp32 = by_name.get("fp32", {}).get("acc1")
-    ints = sorted((r["bits"], r["acc1"]) for n, r in by_name.items() if n.startswith("int") and "static" not in n)
+    by_name, fp32, ints = _ptq_points(results["ptq"])
     if ints:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(*zip(*ints), "o", label="PTQ weight-only")
         curve = results["bit_curve"]
         if curve:
             grid = [2 + i * 0.05 for i in range(121)]
-            ax.plot(grid, [curve["plateau"] - curve["drop"] * 4.0 ** (-b) for b in grid], "-", alpha=0.6, label="fit: plateau - drop·4^-b")
+            fitted = BitCurve(curve["plateau"], curve["drop"])
+            ax.plot(grid, [fitted(b) for b in grid], "-", alpha=0.6, label="fit: plateau - drop·4^-b")
             if curve["first_bits_gap_over_1pt_measured"] is not None:
                 ax.axvline(curve["first_bits_gap_over_1pt_measured"], color="red", ls=":", label="gap > 1 pt")
         qat = sorted((int(b), q["converted_acc1"]) for b, q in results["qat"].items() if q["converted_acc1"] is not None)
