@@ -7,6 +7,7 @@ the baseline), ``precision`` (fp16 vs bf16 training) and ``report`` (always rebu
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -98,7 +99,9 @@ class Study:
         (self.dir / "errors.json").write_text(json.dumps(self.errors, indent=2))
 
     # --- building blocks ---------------------------------------------------------------------
-    def _datamodule(self) -> CIFAR100DataModule:
+    @functools.cached_property
+    def data(self) -> CIFAR100DataModule:
+        """One DataModule for every stage: the dataset is read (or generated) once per study."""
         return CIFAR100DataModule(**self.config.data.as_dict())
 
     def _model(self, **overrides: Any) -> ImageClassifier:
@@ -127,7 +130,7 @@ class Study:
         out.mkdir(parents=True, exist_ok=True)
         seed_everything(self.config.seed)
         trainer = self._trainer("baseline", self.config.baseline.epochs, [ModelCheckpoint(out / "checkpoints", monitor="val/acc1", mode="max")])
-        model, data = self._model(), self._datamodule()
+        model, data = self._model(), self.data
         start = time.perf_counter()
         if not self.config.baseline.ckpt:
             trainer.fit(model, data)
@@ -141,7 +144,7 @@ class Study:
 
     def run_ptq(self) -> None:
         ptq = PostTrainingQuantization(self.config.ptq.recipes, run_on=["test"], calibration_batches=self.config.ptq.calibration_batches, output_dir=str(self.dir / "ptq.tmp"))
-        self._trainer("ptq", 1, [ptq]).test(self._model(), self._datamodule(), ckpt_path=str(self.baseline_ckpt), verbose=False)
+        self._trainer("ptq", 1, [ptq]).test(self._model(), self.data, ckpt_path=str(self.baseline_ckpt), verbose=False)
         (self.dir / "ptq.tmp").rename(self.dir / "ptq")
 
     def run_qat(self, bits: int) -> None:
@@ -150,7 +153,7 @@ class Study:
         last = out / "checkpoints" / "last.ckpt"
         seed_everything(self.config.seed)
         trainer = self._trainer(f"qat_int{bits}", self.config.qat.epochs, [qat, ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)])
-        trainer.fit(self._model(lr=self.config.qat.lr, warmup_epochs=0), self._datamodule(), ckpt_path=str(last) if last.is_file() else None)
+        trainer.fit(self._model(lr=self.config.qat.lr, warmup_epochs=0), self.data, ckpt_path=str(last) if last.is_file() else None)
 
     def run_precision(self, precision: str) -> None:
         out = self.dir / "precision"
@@ -158,10 +161,10 @@ class Study:
         stats = PrecisionStats(self.config.precision.sample_every_n_steps)
         seed_everything(self.config.seed)
         trainer = self._trainer(f"precision_{precision}", self.config.precision.epochs, [stats], precision=precision, enable_checkpointing=False)
-        if torch.cuda.is_available():
+        if self.on_gpu():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        trainer.fit(self._model(), self._datamodule())
+        trainer.fit(self._model(), self.data)
         seconds = time.perf_counter() - start
         summary = {
             "precision": precision,
