@@ -131,52 +131,41 @@ class CIFAR100DataModule(LightningDataModule):
         if val_size < 0:
             raise QlightError(f"data.val_size must be 0 or more, got {val_size}")
         self.save_hyperparameters()
-        self.data_dir = data_dir
-        self.batch_size = batch_size
-        self.val_size = val_size
-        self.seed = seed
-        self.download = download
-        self.verify_checksums = verify_checksums
-        self.augment_on_device = augment_on_device
-        self.num_workers = num_workers
-        self.synthetic = synthetic
-        self.synthetic_train_size = synthetic_train_size
-        self.synthetic_test_size = synthetic_test_size
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
 
     def prepare_data(self) -> None:
-        if not self.synthetic:
-            ensure_cifar100(self.data_dir, self.download, self.verify_checksums)
+        if not self.hparams.synthetic:
+            ensure_cifar100(self.hparams.data_dir, self.hparams.download, self.hparams.verify_checksums)
 
     def setup(self, stage: str) -> None:
         if self.test_set is not None:
             return
-        if self.synthetic:
-            train = synthetic_images(self.synthetic_train_size, self.num_classes, self.seed, split_seed=0)
-            test = synthetic_images(self.synthetic_test_size, self.num_classes, self.seed, split_seed=1)
+        if self.hparams.synthetic:
+            train = synthetic_images(self.hparams.synthetic_train_size, self.num_classes, self.hparams.seed, split_seed=0)
+            test = synthetic_images(self.hparams.synthetic_test_size, self.num_classes, self.hparams.seed, split_seed=1)
         else:
-            train = load_cifar100(self.data_dir, True, self.verify_checksums)
-            test = load_cifar100(self.data_dir, False, self.verify_checksums)
-        if self.val_size >= len(train[1]):
-            raise QlightError(f"data.val_size={self.val_size} leaves no training images out of {len(train[1])}")
-        order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(self.seed))
-        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+            train = load_cifar100(self.hparams.data_dir, True, self.hparams.verify_checksums)
+            test = load_cifar100(self.hparams.data_dir, False, self.hparams.verify_checksums)
+        if self.hparams.val_size >= len(train[1]):
+            raise QlightError(f"data.val_size={self.hparams.val_size} leaves no training images out of {len(train[1])}")
+        order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(self.hparams.seed))
+        val_idx, train_idx = order[: self.hparams.val_size], order[self.hparams.val_size :]
         self.train_set = TensorDataset(train[0][train_idx], train[1][train_idx])
         self.test_set = TensorDataset(*test)
-        self.val_set = TensorDataset(train[0][val_idx], train[1][val_idx]) if self.val_size else self.test_set
+        self.val_set = TensorDataset(train[0][val_idx], train[1][val_idx]) if self.hparams.val_size else self.test_set
 
     def _on_gpu(self) -> bool:
         return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def _on_device(self) -> bool:
-        return self._on_gpu() if self.augment_on_device is None else self.augment_on_device
+        return self._on_gpu() if self.hparams.augment_on_device is None else self.hparams.augment_on_device
 
     def _batches(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         # Whole batches are gathered with one tensor index: no per-image collate, no workers.
-        order = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else SequentialSampler(dataset)
-        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(order, self.batch_size, drop_last), pin_memory=self._on_gpu())
+        order = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.hparams.seed)) if shuffle else SequentialSampler(dataset)
+        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(order, self.hparams.batch_size, drop_last), pin_memory=self._on_gpu())
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup('fit') first"
@@ -184,11 +173,11 @@ class CIFAR100DataModule(LightningDataModule):
             return self._batches(self.train_set, shuffle=True, drop_last=True)
         return DataLoader(
             _CropFlip(*self.train_set.tensors),
-            batch_size=self.batch_size,
+            batch_size=self.hparams.batch_size,
             shuffle=True,
             drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:
