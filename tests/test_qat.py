@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from digits import DigitsNet, trainer
 from qlight import PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
 from qlight.quantization import FakeQuantizedConv2d
-from qlight.quantization.fake_quant import _channels_last_apply
+from qlight.quantization.fake_quant import ChannelGroupedFakeQuantizer, FusedFakeQuantizer, activation_config, weight_config
 from torchao.quantization.qat import FakeQuantizedLinear
 
 
@@ -21,8 +21,6 @@ def prepared(bits=3, **kwargs):
 
 
 def effective_weight(module):
-    if isinstance(module, FakeQuantizedConv2d):
-        return _channels_last_apply(module.weight_fake_quantizer, module.weight)
     return module.weight_fake_quantizer(module.weight)
 
 
@@ -42,6 +40,40 @@ def test_every_layer_runs_fake_quantized_weights_with_gradients():
     assert max(len(torch.unique(row)) for row in effective_weight(linear)) <= 8
     model(torch.randn(4, 1, 8, 8)).sum().backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers.values())
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize(
+    "config, shape, dtype",
+    [
+        (weight_config, (16, 3, 3, 3), torch.float32),  # conv weight: a scale per (out-channel, kh, kw)
+        (weight_config, (32, 16, 1, 1), torch.float32),
+        (weight_config, (10, 64), torch.float32),  # linear weight
+        (weight_config, (10, 64), torch.bfloat16),
+        (activation_config, (4, 16, 5, 5), torch.float32),  # conv input: a scale per pixel
+        (activation_config, (6, 32), torch.bfloat16),  # linear input under autocast
+    ],
+)
+def test_fused_fake_quant_is_torchaos_forward_with_a_straight_through_gradient(bits, config, shape, dtype):
+    torch.manual_seed(bits)
+    x = (torch.randn(shape) * torch.rand(shape[0], *[1] * (len(shape) - 1)) + 0.3 * (config is activation_config)).to(dtype)
+    x[0] = 0  # an all-zero group takes the eps scale
+    fused, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    quantizer = FusedFakeQuantizer(config(bits))
+    out = quantizer(fused)
+    expected = ChannelGroupedFakeQuantizer(config(bits))(reference)  # torchao's IntxFakeQuantizer on rows
+    assert torch.equal(out, expected)
+    grad = torch.randn(shape, dtype=dtype)
+    out.backward(grad)
+    expected.backward(grad)
+    codes = torch.round(x * (1.0 / quantizer.scale)) + quantizer.zero_point
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert torch.equal(fused.grad, grad * ((codes >= qmin) & (codes <= qmax)))
+    # torchao's clamp drops the gradient at the boundary codes too, and its grad * eps / eps is
+    # inexact on the zero group; elsewhere the two agree.
+    interior = (codes > qmin) & (codes < qmax)
+    interior[0] = False
+    torch.testing.assert_close(fused.grad[interior], reference.grad[interior])  # tolerance per dtype
 
 
 def test_forward_kwargs_pass_through():

@@ -1,19 +1,22 @@
 """Fake-quantized Conv2d and Linear on torchao's QAT primitives.
 
 torchao's QAT swaps only ``nn.Linear`` (``FakeQuantizedLinear``); it has no fake-quantized conv.
-:class:`FakeQuantizedConv2d` fills that gap with torchao's own ``IntxFakeQuantizer``, grouping conv
-weights exactly as ``IntxWeightOnlyConfig(granularity=PerAxis(0))`` does (one scale per output
+:class:`FakeQuantizedConv2d` fills that gap with torchao's ``IntxFakeQuantizer`` semantics, grouping
+conv weights exactly as ``IntxWeightOnlyConfig(granularity=PerAxis(0))`` does (one scale per output
 channel and kernel position), so converting after training reproduces the trained numerics.
+Per-step scales go through :class:`FusedFakeQuantizer` (torchao's forward in one autograd node);
+learned scales use torchao's quantizer itself.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchao.quantization.granularity import PerToken
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig, IntxFakeQuantizer
-from torchao.quantization.quant_primitives import quantize_affine
+from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, quantize_affine
 
-from qlight.quantization.recipes import dtype_bits, int_dtype
+from qlight.quantization.recipes import int_dtype
 
 
 def weight_config(bits: int, learned_scales: bool = False) -> IntxFakeQuantizeConfig:
@@ -45,8 +48,78 @@ def _unrows(rows: Tensor, shape: torch.Size) -> Tensor:
     return rows.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def _channels_last_apply(quantizer: IntxFakeQuantizer, x: Tensor) -> Tensor:
-    return _unrows(quantizer(_rows(x)), x.shape)
+class ChannelGroupedFakeQuantizer(IntxFakeQuantizer):
+    """torchao's ``IntxFakeQuantizer`` on 2-D or 4-D tensors, grouped over dim 1 (channels): one
+    scale per (out-channel, kh, kw) of a conv weight. Used for learned scales, which
+    :class:`FusedFakeQuantizer` does not cover."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        return _unrows(super().forward(_rows(x)), x.shape)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    # torchao's dynamic fake-quant numerics (choose_qparams_affine + _fake_quantize_affine, op for
+    # op and dtype for dtype, so the forward is bit-identical) in one autograd node, grouped over a
+    # dim in place: torchao's version records about 170 autograd/ATen events per call plus, on conv
+    # inputs, two permuted copies, which on a GPU leaves the QAT step bound by the host.
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, qmin: int, qmax: int, symmetric: bool, eps: float, scale_dtype: torch.dtype):
+        if symmetric:
+            scale = x.abs().amax(dim, keepdim=True).div_(float(qmax - qmin) / 2).clamp_(min=eps).to(scale_dtype)
+            zero_point = 0
+            ctx.mark_non_differentiable(scale)
+            codes = torch.round(x * scale.reciprocal())
+        else:
+            low, high = torch.aminmax(x, dim=dim, keepdim=True)
+            scale = (high.clamp_(min=0) - low.clamp_(max=0)).div_(float(qmax - qmin)).clamp_(min=eps)
+            zero_point = (qmin - torch.round(low / scale)).clamp_(qmin, qmax)
+            scale = scale.to(scale_dtype)
+            ctx.mark_non_differentiable(scale, zero_point)
+            codes = torch.round(x * scale.reciprocal()).add_(zero_point)
+        clamped = codes.clamp(qmin, qmax)
+        ctx.save_for_backward(clamped == codes)
+        return (clamped.sub_(zero_point).mul_(scale)).to(x.dtype), scale, zero_point
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None, None, None
+
+
+class FusedFakeQuantizer(IntxFakeQuantizer):
+    """torchao's ``IntxFakeQuantizer`` forward, bit for bit, at a fraction of its host cost, for
+    dynamic scales: symmetric per-channel weights and asymmetric per-token activations.
+
+    Groups over channels in place: one scale per (out-channel, kh, kw) of a conv weight, as
+    ``IntxWeightOnlyConfig(granularity=PerAxis(0))`` does, per pixel of a conv input, per row of a
+    Linear weight or input. Gradients pass straight through where the rounded code lies within
+    [qmin, qmax], as in PyTorch's fused fake-quant ops.
+    """
+
+    def __init__(self, config: IntxFakeQuantizeConfig) -> None:
+        per_token = isinstance(config.granularity, PerToken)
+        if config.range_learning or not config.is_dynamic or per_token == config.is_symmetric:
+            raise ValueError("FusedFakeQuantizer takes dynamic symmetric per-channel or asymmetric per-token configs")
+        super().__init__(config)
+        self.qmin, self.qmax = _DTYPE_TO_QVALUE_BOUNDS[config.dtype]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        config = self.config
+        eps = config.eps if config.eps is not None else torch.finfo(x.dtype).smallest_normal
+        dim = 1 if x.dim() == 4 else -1
+        out, self.scale, self.zero_point = _FakeQuantize.apply(
+            x, dim, self.qmin, self.qmax, config.is_symmetric, eps, config.scale_precision
+        )
+        return out
+
+
+def fake_quantizer(config: IntxFakeQuantizeConfig) -> IntxFakeQuantizer:
+    """The fused quantizer for per-step scales, torchao's own for learned ones."""
+    return ChannelGroupedFakeQuantizer(config) if config.range_learning else FusedFakeQuantizer(config)
 
 
 class FakeQuantizedConv2d(nn.Conv2d):
@@ -61,13 +134,13 @@ class FakeQuantizedConv2d(nn.Conv2d):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.weight_fake_quantizer = IntxFakeQuantizer(weight_config)
-        self.activation_fake_quantizer = IntxFakeQuantizer(activation_config) if activation_config else None
+        self.weight_fake_quantizer = fake_quantizer(weight_config)
+        self.activation_fake_quantizer = fake_quantizer(activation_config) if activation_config else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation_fake_quantizer is not None:
-            x = _channels_last_apply(self.activation_fake_quantizer, x)
-        return self._conv_forward(x, _channels_last_apply(self.weight_fake_quantizer, self.weight), self.bias)
+            x = self.activation_fake_quantizer(x)
+        return self._conv_forward(x, self.weight_fake_quantizer(self.weight), self.bias)
 
     @classmethod
     def from_conv(
@@ -105,6 +178,9 @@ def insert_fake_quant(
             swapped: nn.Module = FakeQuantizedConv2d.from_conv(module, weight, activation)
         else:
             swapped = FakeQuantizedLinear.from_linear(module, activation_config=activation, weight_config=weight)
+            swapped.weight_fake_quantizer = fake_quantizer(weight)
+            if activation is not None:
+                swapped.activation_fake_quantizer = fake_quantizer(activation)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, swapped)
 
@@ -122,19 +198,17 @@ def remove_fake_quant(model: nn.Module) -> list[str]:
 
 def weight_qparams(module: nn.Module) -> tuple[Tensor, Tensor]:
     """The integer codes (in the weight's layout) and scales (in torchao's ``IntxUnpackedToInt8Tensor``
-    layout) that a fake-quantized module's forward uses for its current weight."""
+    layout: (O, 1) or (O, 1, kh, kw)) that a fake-quantized module's forward uses for its weight."""
     quantizer = module.weight_fake_quantizer
     weight = module.weight.detach()
-    rows = _rows(weight)
     with torch.no_grad():
-        quantizer(rows)  # refreshes per-step scales; learned ones stay as trained
-    scale = quantizer.scale.detach().reshape(rows.shape[0], 1)
-    bits = dtype_bits(quantizer.config.dtype)
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    codes = quantize_affine(rows, (1, rows.shape[1]), scale, torch.zeros_like(scale, dtype=torch.int32), torch.int8, qmin, qmax)
-    if weight.dim() == 4:  # torchao keeps one conv scale per (out, kh, kw) as (O, 1, kh, kw)
-        scale = scale.reshape(weight.shape[0], 1, *weight.shape[2:])
-    return _unrows(codes, weight.shape), scale
+        quantizer(weight)  # refreshes per-step scales; learned ones stay as trained
+    # Scales come as (O, 1, [kh, kw]) from the fused quantizer, as (O*kh*kw, 1) rows from torchao's.
+    scale = quantizer.scale.detach().reshape(weight.shape[0], 1, *weight.shape[2:])
+    block = (1, weight.shape[1], *[1] * (weight.dim() - 2))
+    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[quantizer.config.dtype]
+    codes = quantize_affine(weight, block, scale, torch.zeros_like(scale, dtype=torch.int32), torch.int8, qmin, qmax)
+    return codes, scale
 
 
 def init_learned_scales(model: nn.Module) -> None:
@@ -145,7 +219,7 @@ def init_learned_scales(model: nn.Module) -> None:
             # What torchao's initialize_fake_quantizers does, on the weights alone: no example input.
             module.weight_fake_quantizer._initialized = True
             with torch.no_grad():
-                module.weight_fake_quantizer(_rows(module.weight))
+                module.weight_fake_quantizer(module.weight)
 
 
 def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
