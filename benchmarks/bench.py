@@ -24,6 +24,7 @@ from qlight import CIFAR100DataModule, ImageClassifier, PostTrainingQuantization
 from qlight.data import normalize, random_crop_flip, synthetic_images
 from qlight.models import vgg11_bn
 from qlight.quantization import parse_recipe, quantizable_modules
+from qlight.quantization.fake_quant import ChannelGroupedFakeQuantizer, FusedFakeQuantizer, activation_config, weight_config
 
 
 def sync(device: torch.device) -> None:
@@ -152,6 +153,32 @@ def _throughput(model: torch.nn.Module, batch: torch.Tensor, args: argparse.Name
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
+def fake_quant_host_ms(args: argparse.Namespace) -> dict[str, float]:
+    """(g) Host cost of one fake-quant call, forward + backward, on a tiny tensor (so pure overhead),
+    torchao's IntxFakeQuantizer against qlight's fused one. A GPU step pays it once per layer."""
+    x = torch.randn(8, 4, 3, 3, requires_grad=True)
+    calls = max(args.steps * 25, 50)
+
+    def per_call(quantizer: torch.nn.Module) -> float:
+        for _ in range(calls // 5):
+            quantizer(x).sum().backward()
+        start = time.perf_counter()
+        for _ in range(calls):
+            quantizer(x).sum().backward()
+        return (time.perf_counter() - start) / calls * 1e3
+
+    configs = {"weights int4": weight_config(4), "activations int8": activation_config(8)}
+    kinds = {"torchao": ChannelGroupedFakeQuantizer, "fused": FusedFakeQuantizer}
+    result: dict[str, float] = {}
+    for _ in range(args.repeats):
+        baseline = per_call(torch.nn.Identity())
+        for what, config in configs.items():
+            for kind, cls in kinds.items():
+                key = f"{what}, {kind}"
+                result[key] = min(result.get(key, float("inf")), per_call(cls(config)) - baseline)
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes on whatever device is present")
@@ -198,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows[name] = max(rows.get(name, 0.0), run())
     inference_ips = inference(args, device)
     seconds = ptq_seconds(args)
+    fake_quant_ms = fake_quant_host_ms(args)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"\n{device_name}, torch {torch.__version__}, batch {args.batch_size}, {args.precision}, best of {args.repeats} x {args.steps} steps after {args.warmup} warm-up")
     print(f"{'training (images/s)':<40}{'':>12}")
@@ -209,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"PTQ quantize + evaluate ({args.test_images} test images, seconds)")
     for name, value in seconds.items():
         print(f"  {name:<38}{value:>12.2f}")
+    print("fake-quant host cost per layer and step (ms, tiny tensor)")
+    for name, value in fake_quant_ms.items():
+        print(f"  {name:<38}{value:>12.3f}")
     summary = {
         "device": device_name,
         "torch": torch.__version__,
@@ -222,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "inference_images_per_s": inference_ips,
         "ptq_seconds": seconds,
         "ptq_sweep_seconds": sum(seconds.values()),
+        "fake_quant_host_ms": fake_quant_ms,
     }
     print(json.dumps(summary))
     return summary
