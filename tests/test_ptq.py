@@ -89,7 +89,8 @@ def test_ptq_on_real_digits_in_a_foreign_module(tmp_path, digits_checkpoint):
     assert abs(acc["int8_static"] - acc["fp32"]) <= 0.02, acc
     assert acc["w4a8_static"] >= acc["fp32"] - 0.05, acc
     assert acc["int2"] < acc["int8"] - 0.02, acc  # fails if quantization does nothing
-    assert int(rows["int2"]["quantized_modules"]) == 3  # the 1-channel input conv stays float
+    # Counted in the quantized models: the 1-channel input conv stays float, the other 3 layers do not.
+    assert [int(rows[r]["quantized_modules"]) for r in ("int2", "int8_static", "w4a8_static")] == [3, 3, 3]
     loaded = load_quantized(tmp_path / "ptq" / "int2.pt")
     static = load_quantized(tmp_path / "ptq" / "int8_static.pt2")
     x = model.test_data.tensors[0][:8]
@@ -108,6 +109,19 @@ def test_one_failing_recipe_keeps_the_others(tmp_path, digits_checkpoint, monkey
     rows = _rows(tmp_path / "results.csv")
     assert rows["int4"]["error"] == "RuntimeError: kernel missing" and rows["int4"]["acc1"] == ""
     assert float(rows["bf16"]["acc1"]) > 0.9
+
+
+def test_a_static_recipe_that_quantizes_nothing_is_an_error_not_a_float_model(tmp_path, digits_checkpoint, monkeypatch):
+    # torch 2.11's non-strict export made torchao's quantizer match nothing: a float model then
+    # passed as int8_static. A quantizer without a config reproduces that outcome on any torch.
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+
+    monkeypatch.setattr("qlight.quantization.recipes._x86_quantizer", lambda bits: X86InductorQuantizer())
+    ptq = PostTrainingQuantization(recipes=["fp32", "int8_static", "int8"], output_dir=str(tmp_path))
+    trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(digits_checkpoint))
+    rows = _rows(tmp_path / "results.csv")
+    assert rows["int8_static"]["error"].startswith("RuntimeError: int8_static: torchao's quantizer matched no layer")
+    assert rows["int8_static"]["acc1"] == "" and float(rows["int8"]["acc1"]) > 0.9
 
 
 class NoLayers(DigitsNet):

@@ -14,7 +14,7 @@ from torch import nn
 
 from qlight.errors import QlightError
 from qlight.quantization.evaluation import dataloader, detached_copy, evaluate, transferred_batches
-from qlight.quantization.recipes import FloatCast, Recipe, parse_recipe, quantizable_modules
+from qlight.quantization.recipes import FloatCast, Recipe, parse_recipe, quantizable_modules, quantized_weight_sizes
 from qlight.quantization.reporting import log_to_loggers, markdown_table, output_dir, write_csv
 from qlight.quantization.serialization import quantized_bytes
 
@@ -119,7 +119,7 @@ class PostTrainingQuantization(Callback):
                 if self.save_models and trainer.is_global_zero:
                     out.mkdir(parents=True, exist_ok=True)
                     (out / f"{recipe.name}{'.pt2' if recipe.static else '.pt'}").write_bytes(payload)
-                row.update(acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload), **_quantized_counts(source, recipe, targets))
+                row.update(acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload), **_quantized_counts(model, recipe))
             except QlightError:
                 raise
             except Exception as err:  # one failing recipe must not lose the others
@@ -142,11 +142,12 @@ class PostTrainingQuantization(Callback):
         return self.results
 
 
-def _quantized_counts(model: nn.Module, recipe: Recipe, targets: list[str]) -> dict[str, int]:
+def _quantized_counts(model: nn.Module, recipe: Recipe) -> dict[str, int]:
+    # Counted on the quantized model itself, so the table shows what was done, not what was asked.
     if isinstance(recipe, FloatCast):
         cast = recipe.dtype != torch.float32
         return {"quantized_modules": 0, "quantized_params": sum(p.numel() for p in model.parameters()) * cast}
-    weights = [model.get_submodule(name).weight.numel() for name in targets]
+    weights = quantized_weight_sizes(model)
     return {"quantized_modules": len(weights), "quantized_params": sum(weights)}
 
 

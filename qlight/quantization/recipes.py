@@ -7,13 +7,14 @@ default every ``Conv2d`` and ``Linear`` (:func:`quantizable_modules`).
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
 import torch
 from torch import Tensor, nn
-from torchao.quantization import IntxWeightOnlyConfig, quantize_
+from torchao.quantization import IntxUnpackedToInt8Tensor, IntxWeightOnlyConfig, quantize_
 from torchao.quantization.granularity import PerAxis
 
 from qlight.errors import QlightError
@@ -96,12 +97,16 @@ class StaticPT2E:
         for fqn, module in model.named_modules():
             if isinstance(module, QUANTIZABLE) and fqn not in targets:
                 quantizer.set_module_name_qconfig(fqn, None)
-        graph = export_batched(model.eval(), batches[0]).module()
+        # Strict (dynamo) export records the source modules that the quantizer matches its patterns
+        # on; torch 2.11's default non-strict export does not, and the quantizer then finds nothing.
+        graph = export_batched(model.eval(), batches[0], strict=True).module()
         prepared = prepare_pt2e(graph, quantizer)
         with torch.no_grad():
             for batch in batches:
                 prepared(batch)
         converted = convert_pt2e(prepared)
+        if targets and not quantized_weight_sizes(converted):
+            raise RuntimeError(f"{self.name}: torchao's quantizer matched no layer with torch {torch.__version__}")
         _drop_unused_attributes(converted)
         return converted
 
@@ -109,9 +114,9 @@ class StaticPT2E:
 Recipe = Union[FloatCast, IntxWeightOnly, StaticPT2E]
 
 
-def export_batched(model: nn.Module, example: Tensor) -> torch.export.ExportedProgram:
+def export_batched(model: nn.Module, example: Tensor, strict: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` with a dynamic batch dimension, so any batch size runs the graph."""
-    return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=strict)
 
 
 def _x86_quantizer(weight_bits: int):
@@ -183,6 +188,15 @@ def quantizable_modules(
         if isinstance(module, types) and not (isinstance(module, nn.Conv2d) and module.weight.shape[1] == 1)
     ]
     return names[int(keep_first) : len(names) - int(keep_last) if keep_last else None]
+
+
+def quantized_weight_sizes(model: nn.Module) -> list[int]:
+    """Element counts of the weights that ``model`` really holds quantized: torchao's
+    ``IntxUnpackedToInt8Tensor`` weights, or the int8 constants of a PT2E graph."""
+    if isinstance(model, torch.fx.GraphModule):
+        dequantized = [node.args[0] for node in model.graph.nodes if "dequantize_per_channel" in str(node.target)]
+        return [operator.attrgetter(node.target)(model).numel() for node in dequantized if node.op == "get_attr"]
+    return [m.weight.numel() for m in model.modules() if isinstance(getattr(m, "weight", None), IntxUnpackedToInt8Tensor)]
 
 
 def module_filter(targets: set[str]) -> Callable[[nn.Module, str], bool]:
