@@ -16,14 +16,17 @@ import platform
 import tempfile
 import time
 from typing import Any, Callable
+from unittest import mock
 
 import torch
 from lightning.pytorch import Callback, Trainer
+from torch import nn
 
 from qlight import CIFAR100DataModule, ImageClassifier, PostTrainingQuantization, QuantizationAwareTraining
 from qlight.data import normalize, random_crop_flip, synthetic_images
-from qlight.models import vgg11_bn
-from qlight.quantization import parse_recipe, quantizable_modules
+from qlight.models import VGG, vgg11_bn
+from qlight.models.vgg import CFGS, make_layers
+from qlight.quantization import fake_quant, parse_recipe, quantizable_modules
 from qlight.quantization.fake_quant import ChannelGroupedFakeQuantizer, FusedFakeQuantizer, activation_config, weight_config
 
 
@@ -32,9 +35,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def plain_loop(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, device: torch.device) -> float:
+def narrow_vgg11() -> VGG:
+    """VGG-11's layers and ops at 1/16 of its widths: the same host work per step, little arithmetic."""
+    return VGG(make_layers([v if v == "M" else v // 16 for v in CFGS["vgg11"]]), num_classes=100, hidden=32)
+
+
+def plain_loop(
+    images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, device: torch.device, backbone: Callable[[], nn.Module] = vgg11_bn
+) -> float:
     """(a) The baseline: data on the device, the same augmentation, model, optimizer and schedule."""
-    model = vgg11_bn(100).to(device)
+    model = backbone().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.warmup + args.steps)
     images, labels = images.to(device), labels.to(device)
@@ -90,11 +100,36 @@ def trainer(args: argparse.Namespace, callbacks: list, max_steps: int) -> Traine
     )
 
 
-def qlight_fit(args: argparse.Namespace, extra: list) -> float:
+def qlight_fit(args: argparse.Namespace, extra: list, backbone: Callable[[], nn.Module] = vgg11_bn) -> float:
     """(b)/(c) Trainer + ImageClassifier + CIFAR100DataModule's on-device path, optionally with QAT."""
     timer = StepTimer(args.warmup, args.batch_size)
-    trainer(args, [timer, *extra], args.warmup + args.steps).fit(ImageClassifier(), datamodule(args))
+    trainer(args, [timer, *extra], args.warmup + args.steps).fit(ImageClassifier(backbone()), datamodule(args))
     return timer.images_per_s
+
+
+def host_ms_per_step(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> dict[str, Callable[[], float]]:
+    """(h) Host time per training step: VGG-11's op graph at 1/16 width, batch 2, on the CPU, so
+    arithmetic is negligible and what remains is the per-step Python and dispatch work that a GPU
+    step has to hide behind its kernels. Runs QAT with qlight's fused fake-quant and with torchao's."""
+    host = argparse.Namespace(**{**vars(args), "batch_size": 2, "steps": 60, "warmup": 10, "accelerator": "cpu", "precision": "32-true"})
+    cpu = torch.device("cpu")
+
+    def ms(images_per_s: float) -> float:
+        return 1e3 * host.batch_size / images_per_s
+
+    def qat(torchao: bool, **kwargs: Any) -> float:
+        quantizer = ChannelGroupedFakeQuantizer if torchao else fake_quant.fake_quantizer
+        with mock.patch.object(fake_quant, "fake_quantizer", quantizer):
+            return ms(qlight_fit(host, [QuantizationAwareTraining(weight_bits=4, eval_every_epoch=False, **kwargs)], narrow_vgg11))
+
+    return {
+        "plain loop": lambda: ms(plain_loop(images, labels, host, cpu, narrow_vgg11)),
+        "qlight fit": lambda: ms(qlight_fit(host, [], narrow_vgg11)),
+        "+ QAT int4 weights (fused)": lambda: qat(False),
+        "+ QAT int4 weights (torchao)": lambda: qat(True),
+        "+ QAT int4 w + int8 act (fused)": lambda: qat(False, activation_bits=8),
+        "+ QAT int4 w + int8 act (torchao)": lambda: qat(True, activation_bits=8),
+    }
 
 
 def data_path(args: argparse.Namespace, device: torch.device) -> float:
@@ -219,10 +254,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "data path (load + augment)": lambda: data_path(args, device),
     }
+    host_runs = host_ms_per_step(images, labels, args)
     rows: dict[str, float] = {}
+    host_ms: dict[str, float] = {}
     for _ in range(args.repeats):  # interleaved, best of each: drift and noisy neighbours hit all alike
         for name, run in runs.items():
             rows[name] = max(rows.get(name, 0.0), run())
+        for name, run in host_runs.items():
+            host_ms[name] = min(host_ms.get(name, float("inf")), run())
     inference_ips = inference(args, device)
     seconds = ptq_seconds(args)
     fake_quant_ms = fake_quant_host_ms(args)
@@ -236,6 +275,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {name:<38}{value:>12.0f}")
     print(f"PTQ quantize + evaluate ({args.test_images} test images, seconds)")
     for name, value in seconds.items():
+        print(f"  {name:<38}{value:>12.2f}")
+    print("host time per training step (ms; VGG-11 ops at 1/16 width, batch 2, CPU)")
+    for name, value in host_ms.items():
         print(f"  {name:<38}{value:>12.2f}")
     print("fake-quant host cost per layer and step (ms, tiny tensor)")
     for name, value in fake_quant_ms.items():
@@ -253,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "inference_images_per_s": inference_ips,
         "ptq_seconds": seconds,
         "ptq_sweep_seconds": sum(seconds.values()),
+        "host_ms_per_step": host_ms,
         "fake_quant_host_ms": fake_quant_ms,
     }
     print(json.dumps(summary))

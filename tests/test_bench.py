@@ -18,6 +18,7 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     assert all(v > 0 for v in summary["train_images_per_s"].values())
     assert summary["fit_vs_plain"] > 0 and summary["qat_vs_plain"] > 0
     assert set(summary["ptq_seconds"]) == {"fp32", "int4"} and set(summary["inference_images_per_s"]) == {"fp32", "int8"}
-    assert len(summary["fake_quant_host_ms"]) == 4
+    assert len(summary["fake_quant_host_ms"]) == 4 and len(summary["host_ms_per_step"]) == 6
+    assert all(v > 0 for v in summary["host_ms_per_step"].values())
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
     assert (tmp_path / "ptq" / "results.csv").is_file() and (tmp_path / "qat" / "model.pt").is_file()

@@ -27,19 +27,21 @@ def make_layers(cfg: list[int | str], batch_norm: bool = True, in_channels: int 
 
 
 class VGG(nn.Module):
-    """VGG feature stack on 32x32 images (five pools leave 1x1x512) and a 512-512-classes head."""
+    """VGG feature stack on 32x32 images (five pools leave 1x1xC, C = 512 in the standard tables)
+    and a C-hidden-hidden-classes head."""
 
-    def __init__(self, features: nn.Sequential, num_classes: int = 100, dropout: float = 0.5) -> None:
+    def __init__(self, features: nn.Sequential, num_classes: int = 100, dropout: float = 0.5, hidden: int = 512) -> None:
         super().__init__()
         self.features = features
+        width = [m.out_channels for m in features if isinstance(m, nn.Conv2d)][-1]
         self.classifier = nn.Sequential(
-            nn.Linear(512, 512),
+            nn.Linear(width, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(512, 512),
+            nn.Linear(hidden, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(512, num_classes),
+            nn.Linear(hidden, num_classes),
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

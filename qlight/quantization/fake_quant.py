@@ -80,7 +80,9 @@ class _FakeQuantize(torch.autograd.Function):
             codes = torch.round(x * scale.reciprocal()).add_(zero_point)
         clamped = codes.clamp(qmin, qmax)
         ctx.save_for_backward(clamped == codes)
-        return (clamped.sub_(zero_point).mul_(scale)).to(x.dtype), scale, zero_point
+        if not symmetric:
+            clamped.sub_(zero_point)
+        return clamped.mul_(scale).to(x.dtype), scale, zero_point
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
