@@ -1,7 +1,7 @@
 """Training and inference throughput of qlight against a plain PyTorch loop, in one process.
 
     python benchmarks/bench.py            # full sizes (meant for a GPU)
-    python benchmarks/bench.py --quick    # small sizes on whatever device is present (CPU: ~3 min)
+    python benchmarks/bench.py --quick    # small sizes on whatever device is present (CPU: ~4 min)
 
 Prints a table, then one JSON line with ``fit_vs_plain`` (qlight fit images/s over the plain
 loop's), ``qat_vs_plain`` (QAT int4 step time over the plain loop's) and the rest of the numbers.
@@ -230,7 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="qlight-bench-")
     gpu = torch.cuda.is_available()
-    quick = {"batch_size": 32, "steps": 12, "warmup": 3, "repeats": 3, "images": 2048, "test_images": 256}
+    quick = {"batch_size": 32, "steps": 12, "warmup": 3, "repeats": 3, "images": 2048, "test_images": 128}
     full = {"batch_size": 512, "steps": 200, "warmup": 30, "repeats": 2, "images": 50000, "test_images": 10000}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
