@@ -129,6 +129,14 @@ def test_qat_beats_ptq_at_two_bits_on_real_digits(tmp_path, digits_checkpoint):
     assert (tmp_path / "qat" / "results.csv").read_text().count("\n") == 5
 
 
+def test_qat_with_int8_activations_trains_under_bf16_autocast(tmp_path, digits_checkpoint):
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path))
+    model = DigitsNet(lr=0.01)
+    trainer(tmp_path, [qat], max_epochs=1, precision="bf16-mixed").fit(model)
+    assert [r["fake_quant"] for r in qat.results] == ["on", "converted"]
+    assert min(r["acc1"] for r in qat.results) > 0.9, qat.results
+
+
 def test_resume_mid_qat_and_test_from_a_qat_checkpoint(tmp_path, digits_checkpoint):
     ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     qat = QuantizationAwareTraining(weight_bits=3, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path))
