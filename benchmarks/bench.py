@@ -107,7 +107,7 @@ def qlight_fit(args: argparse.Namespace, extra: list, backbone: Callable[[], nn.
     return timer.images_per_s
 
 
-def host_ms_per_step(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> dict[str, Callable[[], float]]:
+def host_step_runs(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> dict[str, Callable[[], float]]:
     """(h) Host time per training step: VGG-11's op graph at 1/16 width, batch 2, on the CPU, so
     arithmetic is negligible and what remains is the per-step Python and dispatch work that a GPU
     step has to hide behind its kernels. Runs QAT with qlight's fused fake-quant and with torchao's."""
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "data path (load + augment)": lambda: data_path(args, device),
     }
-    host_runs = host_ms_per_step(images, labels, args)
+    host_runs = host_step_runs(images, labels, args)
     rows: dict[str, float] = {}
     host_ms: dict[str, float] = {}
     for _ in range(args.repeats):  # interleaved, best of each: drift and noisy neighbours hit all alike
