@@ -52,6 +52,7 @@ def test_every_layer_runs_fake_quantized_weights_with_gradients():
         (weight_config, (10, 64), torch.bfloat16),
         (activation_config, (4, 16, 5, 5), torch.float32),  # conv input: a scale per pixel
         (activation_config, (6, 32), torch.bfloat16),  # linear input under autocast
+        (activation_config, (2, 8, 3, 3), torch.float16),  # conv input under 16-mixed
     ],
 )
 def test_fused_fake_quant_is_torchaos_forward_with_a_straight_through_gradient(bits, config, shape, dtype):
