@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import copy
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import torch
@@ -11,10 +12,28 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor, nn
 
+from qlight.errors import QlightError
+
 
 def detached_copy(pl_module: LightningModule) -> LightningModule:
     """A deep copy in eval mode; ``LightningModule.__getstate__`` drops the trainer, so it stays behind."""
     return copy.deepcopy(pl_module).eval()
+
+
+def load_checkpoint_weights(pl_module: LightningModule, path: str, what: str = "checkpoint") -> None:
+    """Load the ``state_dict`` of a Lightning checkpoint into ``pl_module``; one-line errors for a
+    missing file, a file that is not a Lightning checkpoint and another architecture."""
+    if not Path(path).is_file():
+        raise QlightError(f"{what} {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if state is None:
+        raise QlightError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    try:
+        pl_module.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise QlightError(f"{what} {path} holds another architecture ({first})") from None
 
 
 def dataloader(trainer: Trainer, pl_module: LightningModule, split: Literal["train", "val", "test"]) -> Any:

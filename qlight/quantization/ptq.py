@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from qlight.errors import QlightError
-from qlight.quantization.evaluation import dataloader, detached_copy, evaluate, transferred_batches
+from qlight.quantization.evaluation import dataloader, detached_copy, evaluate, load_checkpoint_weights, transferred_batches
 from qlight.quantization.recipes import FloatCast, Recipe, parse_recipe, quantizable_modules, quantized_weight_sizes
 from qlight.quantization.reporting import log_to_loggers, markdown_table, output_dir, write_csv
 from qlight.quantization.serialization import quantized_bytes
@@ -92,8 +92,7 @@ class PostTrainingQuantization(Callback):
         """Quantize, evaluate and save every recipe; returns the table's rows."""
         source = detached_copy(pl_module)
         if checkpoint:
-            state = torch.load(checkpoint, map_location=pl_module.device, weights_only=False)["state_dict"]
-            source.load_state_dict(state)
+            load_checkpoint_weights(source, checkpoint)
             rank_zero_info(f"PTQ: weights of {checkpoint}")
         targets = quantizable_modules(source, self.keep_first, self.keep_last)
         if not targets:
@@ -129,15 +128,15 @@ class PostTrainingQuantization(Callback):
             row["seconds"] = round(time.perf_counter() - start, 2)
             rows.append(row)
         self.results = _finish_table(rows)
+        table = markdown_table(self.results, COLUMNS)
         if trainer.is_global_zero:
             write_csv(self.results, out / "results.csv", COLUMNS)
-            table = markdown_table(self.results, COLUMNS)
             (out / "results.md").write_text(f"# Post-training quantization\n\n{table}")
             rank_zero_info(f"PTQ results ({out / 'results.csv'}):\n{table}")
         metrics = {
             f"ptq/{row['recipe']}/{key}": float(row[key]) for row in self.results for key in ("acc1", "acc5", "size_mib") if row.get(key) is not None
         }
-        log_to_loggers(trainer, metrics, {"ptq/results": markdown_table(self.results, COLUMNS)})
+        log_to_loggers(trainer, metrics, {"ptq/results": table})
         trainer.strategy.barrier("qlight_ptq")
         return self.results
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from qlight.errors import QlightError
-from qlight.quantization.evaluation import dataloader, detached_copy, evaluate, transferred_batches
+from qlight.quantization.evaluation import dataloader, detached_copy, evaluate, load_checkpoint_weights, transferred_batches
 from qlight.quantization.fake_quant import (
     FAKE_QUANTIZED,
     activation_config,
@@ -112,7 +110,8 @@ class QuantizationAwareTraining(Callback):
         if stage == "fit" and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
             raise QlightError(f"QAT start_epoch={self.start_epoch} is at or past max_epochs={trainer.max_epochs}")
         if stage == "fit" and self.baseline_ckpt:
-            _load_baseline(pl_module, self.baseline_ckpt)
+            load_checkpoint_weights(pl_module, self.baseline_ckpt, "baseline checkpoint")
+            rank_zero_info(f"QAT: starting from the weights of {self.baseline_ckpt}")
         targets = quantizable_modules(pl_module, self.keep_first, self.keep_last)
         if not targets:
             raise QlightError(f"QAT: {type(pl_module).__name__} has no Conv2d or Linear module to fake-quantize")
@@ -200,17 +199,3 @@ class QuantizationAwareTraining(Callback):
             raise QlightError(f"the checkpoint was trained with QAT {saved}, this callback has {self._settings()}")
         self.results = list(state_dict["results"])
 
-
-def _load_baseline(pl_module: LightningModule, path: str) -> None:
-    if not Path(path).is_file():
-        raise QlightError(f"baseline checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if state is None:
-        raise QlightError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    try:
-        pl_module.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise QlightError(f"baseline checkpoint {path} holds another architecture ({first})") from None
-    rank_zero_info(f"QAT: starting from the weights of {path}")
