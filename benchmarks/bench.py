@@ -240,6 +240,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _print_section(title: str, values: dict[str, float], spec: str) -> None:
+    print(title)
+    for name, value in values.items():
+        print(f"  {name:<38}{value:>12{spec}}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
@@ -267,21 +273,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fake_quant_ms = fake_quant_host_ms(args)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"\n{device_name}, torch {torch.__version__}, batch {args.batch_size}, {args.precision}, best of {args.repeats} x {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'training (images/s)':<40}{'':>12}")
-    for name, value in rows.items():
-        print(f"  {name:<38}{value:>12.0f}")
-    print("inference (images/s)")
-    for name, value in inference_ips.items():
-        print(f"  {name:<38}{value:>12.0f}")
-    print(f"PTQ quantize + evaluate ({args.test_images} test images, seconds)")
-    for name, value in seconds.items():
-        print(f"  {name:<38}{value:>12.2f}")
-    print("host time per training step (ms; VGG-11 ops at 1/16 width, batch 2, CPU)")
-    for name, value in host_ms.items():
-        print(f"  {name:<38}{value:>12.2f}")
-    print("fake-quant host cost per layer and step (ms, tiny tensor)")
-    for name, value in fake_quant_ms.items():
-        print(f"  {name:<38}{value:>12.3f}")
+    _print_section("training (images/s)", rows, ".0f")
+    _print_section("inference (images/s)", inference_ips, ".0f")
+    _print_section(f"PTQ quantize + evaluate ({args.test_images} test images, seconds)", seconds, ".2f")
+    _print_section("host time per training step (ms; VGG-11 ops at 1/16 width, batch 2, CPU)", host_ms, ".2f")
+    _print_section("fake-quant host cost per layer and step (ms, tiny tensor)", fake_quant_ms, ".3f")
     summary = {
         "device": device_name,
         "torch": torch.__version__,

@@ -1,5 +1,4 @@
 import copy
-import csv
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from qlight import ImageClassifier, PostTrainingQuantization, QlightError, load_
 from qlight.models import vgg11_bn
 from qlight.quantization import parse_recipe, quantizable_modules
 from qlight.quantization.recipes import IntxWeightOnly
+from qlight.quantization.reporting import read_csv
 from qlight.quantization.serialization import quantized_bytes
 
 
@@ -74,8 +74,7 @@ def test_bad_arguments_fail_when_built():
 
 
 def _rows(path):
-    with open(path) as f:
-        return {row["recipe"]: row for row in csv.DictReader(f)}
+    return {row["recipe"]: row for row in read_csv(path)}
 
 
 def test_ptq_on_real_digits_in_a_foreign_module(tmp_path, digits_checkpoint):

@@ -28,6 +28,10 @@ class _UnverifiedCIFAR100(CIFAR100):
     meta = {**CIFAR100.meta, "md5": None}
 
 
+def _reader(verify_checksums: bool) -> type[CIFAR100]:
+    return CIFAR100 if verify_checksums else _UnverifiedCIFAR100
+
+
 def ensure_cifar100(data_dir: str | Path, download: bool = True, verify_checksums: bool = True) -> None:
     """Make ``data_dir/cifar-100-python`` exist, from the archive in ``data_dir`` or by downloading.
 
@@ -37,7 +41,7 @@ def ensure_cifar100(data_dir: str | Path, download: bool = True, verify_checksum
     root = Path(data_dir)
     folder = root / CIFAR100.base_folder
     archive = root / CIFAR100.filename
-    reader = CIFAR100 if verify_checksums else _UnverifiedCIFAR100
+    reader = _reader(verify_checksums)
     if all((folder / name).is_file() for name in ("train", "test", "meta")):
         files = reader.train_list + reader.test_list + [[reader.meta["filename"], reader.meta["md5"]]]
         if not all(check_integrity(str(folder / name), md5) for name, md5 in files):
@@ -67,7 +71,7 @@ def ensure_cifar100(data_dir: str | Path, download: bool = True, verify_checksum
 
 def load_cifar100(data_dir: str | Path, train: bool, verify_checksums: bool = True) -> tuple[Tensor, Tensor]:
     """One split through torchvision's reader, as ``(uint8 (N, 3, 32, 32), int64 (N,))``."""
-    reader = CIFAR100 if verify_checksums else _UnverifiedCIFAR100
+    reader = _reader(verify_checksums)
     dataset = reader(str(data_dir), train=train, download=False)
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(dataset.targets, dtype=torch.long)
