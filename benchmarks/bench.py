@@ -15,7 +15,8 @@ import json
 import platform
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from unittest import mock
 
 import torch
@@ -27,7 +28,12 @@ from qlight.data import normalize, random_crop_flip, synthetic_images
 from qlight.models import VGG, vgg11_bn
 from qlight.models.vgg import CFGS, make_layers
 from qlight.quantization import fake_quant, parse_recipe, quantizable_modules
-from qlight.quantization.fake_quant import ChannelGroupedFakeQuantizer, FusedFakeQuantizer, activation_config, weight_config
+from qlight.quantization.fake_quant import (
+    ChannelGroupedFakeQuantizer,
+    FusedFakeQuantizer,
+    activation_config,
+    weight_config,
+)
 
 
 def sync(device: torch.device) -> None:
@@ -41,7 +47,11 @@ def narrow_vgg11() -> VGG:
 
 
 def plain_loop(
-    images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, device: torch.device, backbone: Callable[[], nn.Module] = vgg11_bn
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    args: argparse.Namespace,
+    device: torch.device,
+    backbone: Callable[[], nn.Module] = vgg11_bn,
 ) -> float:
     """(a) The baseline: data on the device, the same augmentation, model, optimizer and schedule."""
     model = backbone().to(device)
@@ -87,16 +97,31 @@ class StepTimer(Callback):
 
 def datamodule(args: argparse.Namespace) -> CIFAR100DataModule:
     return CIFAR100DataModule(
-        batch_size=args.batch_size, val_size=0, synthetic=True, synthetic_train_size=args.images,
-        synthetic_test_size=args.test_images, num_workers=0, augment_on_device=True,
+        batch_size=args.batch_size,
+        val_size=0,
+        synthetic=True,
+        synthetic_train_size=args.images,
+        synthetic_test_size=args.test_images,
+        num_workers=0,
+        augment_on_device=True,
     )
 
 
 def trainer(args: argparse.Namespace, callbacks: list, max_steps: int) -> Trainer:
     return Trainer(
-        accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=max_steps, callbacks=callbacks,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, benchmark=args.accelerator == "gpu", default_root_dir=args.workdir,
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        benchmark=args.accelerator == "gpu",
+        default_root_dir=args.workdir,
     )
 
 
@@ -107,11 +132,15 @@ def qlight_fit(args: argparse.Namespace, extra: list, backbone: Callable[[], nn.
     return timer.images_per_s
 
 
-def host_step_runs(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> dict[str, Callable[[], float]]:
+def host_step_runs(
+    images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace
+) -> dict[str, Callable[[], float]]:
     """(h) Host time per training step: VGG-11's op graph at 1/16 width, batch 2, on the CPU, so
     arithmetic is negligible and what remains is the per-step Python and dispatch work that a GPU
     step has to hide behind its kernels. Runs QAT with qlight's fused fake-quant and with torchao's."""
-    host = argparse.Namespace(**{**vars(args), "batch_size": 2, "steps": 60, "warmup": 10, "accelerator": "cpu", "precision": "32-true"})
+    host = argparse.Namespace(
+        **{**vars(args), "batch_size": 2, "steps": 60, "warmup": 10, "accelerator": "cpu", "precision": "32-true"}
+    )
     cpu = torch.device("cpu")
 
     def ms(images_per_s: float) -> float:
@@ -120,7 +149,11 @@ def host_step_runs(images: torch.Tensor, labels: torch.Tensor, args: argparse.Na
     def qat(torchao: bool, **kwargs: Any) -> float:
         quantizer = ChannelGroupedFakeQuantizer if torchao else fake_quant.fake_quantizer
         with mock.patch.object(fake_quant, "fake_quantizer", quantizer):
-            return ms(qlight_fit(host, [QuantizationAwareTraining(weight_bits=4, eval_every_epoch=False, **kwargs)], narrow_vgg11))
+            return ms(
+                qlight_fit(
+                    host, [QuantizationAwareTraining(weight_bits=4, eval_every_epoch=False, **kwargs)], narrow_vgg11
+                )
+            )
 
     return {
         "plain loop": lambda: ms(plain_loop(images, labels, host, cpu, narrow_vgg11)),
@@ -223,9 +256,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="interleaved repetitions; the best of each is kept")
     parser.add_argument("--images", type=int, help="synthetic training images")
     parser.add_argument("--test-images", type=int, help="synthetic test images for PTQ")
-    parser.add_argument("--recipes", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int6", "int4", "int2", "int8_static"])
+    parser.add_argument(
+        "--recipes", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int6", "int4", "int2", "int8_static"]
+    )
     parser.add_argument("--inference", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int8_static"])
-    parser.add_argument("--compile-int8", action="store_true", help="torch.compile the CPU int8 static model (slow warm-up)")
+    parser.add_argument(
+        "--compile-int8", action="store_true", help="torch.compile the CPU int8 static model (slow warm-up)"
+    )
     parser.add_argument("--workdir", help="where the callbacks may write (default: a new temporary folder)")
     args = parser.parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="qlight-bench-")
@@ -254,7 +291,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, Callable[[], float]] = {
         "plain loop": lambda: plain_loop(images, labels, args, device),
         "qlight fit": lambda: qlight_fit(args, []),
-        "qlight fit + QAT int4 weights": lambda: qlight_fit(args, [QuantizationAwareTraining(weight_bits=4, eval_every_epoch=False)]),
+        "qlight fit + QAT int4 weights": lambda: qlight_fit(
+            args, [QuantizationAwareTraining(weight_bits=4, eval_every_epoch=False)]
+        ),
         "qlight fit + QAT int4 w + int8 act": lambda: qlight_fit(
             args, [QuantizationAwareTraining(weight_bits=4, activation_bits=8, eval_every_epoch=False)]
         ),
@@ -271,8 +310,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     inference_ips = inference(args, device)
     seconds = ptq_seconds(args)
     fake_quant_ms = fake_quant_host_ms(args)
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"\n{device_name}, torch {torch.__version__}, batch {args.batch_size}, {args.precision}, best of {args.repeats} x {args.steps} steps after {args.warmup} warm-up")
+    device_name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    print(
+        f"\n{device_name}, torch {torch.__version__}, batch {args.batch_size}, {args.precision}, best of {args.repeats} x {args.steps} steps after {args.warmup} warm-up"
+    )
     _print_section("training (images/s)", rows, ".0f")
     _print_section("inference (images/s)", inference_ips, ".0f")
     _print_section(f"PTQ quantize + evaluate ({args.test_images} test images, seconds)", seconds, ".2f")

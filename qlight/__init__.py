@@ -6,4 +6,12 @@ from qlight.errors import QlightError
 from qlight.models import vgg11_bn
 from qlight.quantization import PostTrainingQuantization, QuantizationAwareTraining, load_quantized
 
-__all__ = ["CIFAR100DataModule", "ImageClassifier", "PostTrainingQuantization", "QlightError", "QuantizationAwareTraining", "load_quantized", "vgg11_bn"]
+__all__ = [
+    "CIFAR100DataModule",
+    "ImageClassifier",
+    "PostTrainingQuantization",
+    "QlightError",
+    "QuantizationAwareTraining",
+    "load_quantized",
+    "vgg11_bn",
+]

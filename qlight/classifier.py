@@ -69,7 +69,9 @@ class ImageClassifier(LightningModule):
         self.log("train/loss", loss)  # not on the progress bar: showing it reads it back every step
         return loss
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy) -> None:
+    def _evaluate(
+        self, batch: tuple[Tensor, Tensor], stage: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy
+    ) -> None:
         images, labels = batch
         logits = self(images)
         acc1(logits, labels)

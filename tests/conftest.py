@@ -21,7 +21,10 @@ def write_cifar100(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 
         }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f, protocol=2)
-    meta = {"fine_label_names": [f"class_{i}" for i in range(100)], "coarse_label_names": [f"super_{i}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"class_{i}" for i in range(100)],
+        "coarse_label_names": [f"super_{i}" for i in range(20)],
+    }
     with open(folder / "meta", "wb") as f:
         pickle.dump(meta, f, protocol=2)
     return root

@@ -20,9 +20,17 @@ class DigitsNet(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * width * 16, 64), nn.ReLU(), nn.Linear(64, 10),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * width * 16, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
         )
         x, y = digits_tensors()
         self.train_data = TensorDataset(x[:1400], y[:1400])
@@ -60,7 +68,13 @@ class DigitsNet(pl.LightningModule):
 
 def trainer(tmp_path, callbacks=(), max_epochs=6, **kwargs):
     return pl.Trainer(
-        default_root_dir=tmp_path, max_epochs=max_epochs, accelerator="cpu", devices=kwargs.pop("devices", 1),
-        callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False, logger=kwargs.pop("logger", False),
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=kwargs.pop("devices", 1),
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=kwargs.pop("logger", False),
         **kwargs,
     )

@@ -5,19 +5,42 @@ from pathlib import Path
 
 
 def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench", Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    summary = bench.main([
-        "--quick", "--steps=2", "--warmup=1", "--repeats=1", "--batch-size=4", "--images=64", "--test-images=16",
-        f"--workdir={tmp_path}", "--recipes", "fp32", "int4", "--inference", "fp32", "int8",
-    ])
+    summary = bench.main(
+        [
+            "--quick",
+            "--steps=2",
+            "--warmup=1",
+            "--repeats=1",
+            "--batch-size=4",
+            "--images=64",
+            "--test-images=16",
+            f"--workdir={tmp_path}",
+            "--recipes",
+            "fp32",
+            "int4",
+            "--inference",
+            "fp32",
+            "int8",
+        ]
+    )
     assert set(summary["train_images_per_s"]) == {
-        "plain loop", "qlight fit", "qlight fit + QAT int4 weights", "qlight fit + QAT int4 w + int8 act", "data path (load + augment)",
+        "plain loop",
+        "qlight fit",
+        "qlight fit + QAT int4 weights",
+        "qlight fit + QAT int4 w + int8 act",
+        "data path (load + augment)",
     }
     assert all(v > 0 for v in summary["train_images_per_s"].values())
     assert summary["fit_vs_plain"] > 0 and summary["qat_vs_plain"] > 0
-    assert set(summary["ptq_seconds"]) == {"fp32", "int4"} and set(summary["inference_images_per_s"]) == {"fp32", "int8"}
+    assert set(summary["ptq_seconds"]) == {"fp32", "int4"} and set(summary["inference_images_per_s"]) == {
+        "fp32",
+        "int8",
+    }
     assert len(summary["fake_quant_host_ms"]) == 4 and len(summary["host_ms_per_step"]) == 6
     assert all(v > 0 for v in summary["host_ms_per_step"].values())
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')

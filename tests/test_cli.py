@@ -20,8 +20,17 @@ TINY = [
 
 
 def test_fit_smoke_config_writes_events_checkpoint_and_val_accuracy(tmp_path):
-    main(["fit", "--config", str(ROOT / "configs/vgg11_cifar100.yaml"), "--config", str(ROOT / "configs/smoke.yaml"),
-          *TINY, f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/vgg11_cifar100.yaml"),
+            "--config",
+            str(ROOT / "configs/smoke.yaml"),
+            *TINY,
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
     run_dir = tmp_path / "vgg11_cifar100" / "version_0"
     events = list(run_dir.glob("events.out.tfevents.*"))
     assert events, list(tmp_path.rglob("*"))
@@ -46,9 +55,18 @@ def test_help_lists_subcommands(tmp_path):
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path):
-    out = _run("fit", "--config", str(ROOT / "configs/vgg11_cifar100.yaml"), "--data.data_dir", str(tmp_path / "empty"),
-               "--data.download=false", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
-               f"--trainer.logger.init_args.save_dir={tmp_path}", cwd=tmp_path)
+    out = _run(
+        "fit",
+        "--config",
+        str(ROOT / "configs/vgg11_cifar100.yaml"),
+        "--data.data_dir",
+        str(tmp_path / "empty"),
+        "--data.download=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
@@ -61,8 +79,17 @@ def test_unknown_config_key_is_rejected_by_name(tmp_path):
 
 
 def test_qat_int4_smoke_through_the_cli_writes_a_loadable_int4_model(tmp_path):
-    main(["fit", "--config", str(ROOT / "configs/qat_int4.yaml"), "--config", str(ROOT / "configs/smoke.yaml"),
-          *TINY, f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/qat_int4.yaml"),
+            "--config",
+            str(ROOT / "configs/smoke.yaml"),
+            *TINY,
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
     qat_dir = tmp_path / "qat_int4" / "version_0" / "qat"
     rows = (qat_dir / "results.csv").read_text().splitlines()
     assert [r.split(",")[2] for r in rows[1:]] == ["on", "converted"]  # one epoch, then the converted model

@@ -3,7 +3,14 @@ import urllib.error
 import pytest
 import torch
 
-from qlight.data import CIFAR100DataModule, ensure_cifar100, load_cifar100, normalize, random_crop_flip, synthetic_images
+from qlight.data import (
+    CIFAR100DataModule,
+    ensure_cifar100,
+    load_cifar100,
+    normalize,
+    random_crop_flip,
+    synthetic_images,
+)
 from qlight.data import cifar100 as cifar_module
 from qlight.errors import QlightError
 

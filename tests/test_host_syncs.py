@@ -39,7 +39,12 @@ class CountReads(Callback):
 
 def tiny_backbone() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 100)
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 100),
     )
 
 
@@ -48,11 +53,22 @@ def test_training_steps_read_nothing_back_between_log_intervals(tmp_path, monkey
     counter = CountReads(monkeypatch, first=3, last=12)
     extra = [QuantizationAwareTraining(**qat, eval_every_epoch=False, output_dir=str(tmp_path / "qat"))] if qat else []
     trainer = Trainer(
-        accelerator="cpu", max_steps=14, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=50,
-        logger=TensorBoardLogger(tmp_path), callbacks=[*_default_callbacks(), *extra, counter], default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=14,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=50,
+        logger=TensorBoardLogger(tmp_path),
+        callbacks=[*_default_callbacks(), *extra, counter],
+        default_root_dir=tmp_path,
     )
     data = CIFAR100DataModule(
-        batch_size=4, val_size=16, synthetic=True, synthetic_train_size=128, synthetic_test_size=16, augment_on_device=True
+        batch_size=4,
+        val_size=16,
+        synthetic=True,
+        synthetic_train_size=128,
+        synthetic_test_size=16,
+        augment_on_device=True,
     )
     trainer.fit(ImageClassifier(tiny_backbone()), data)
     assert trainer.global_step == 14 and not counter.active

@@ -2,10 +2,10 @@ import copy
 
 import pytest
 import torch
+from digits import DigitsNet, trainer
 from torch import nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
-from digits import DigitsNet, trainer
 from qlight import ImageClassifier, PostTrainingQuantization, QlightError, load_quantized
 from qlight.models import vgg11_bn
 from qlight.quantization import parse_recipe, quantizable_modules
@@ -78,7 +78,9 @@ def _rows(path):
 
 
 def test_ptq_on_real_digits_in_a_foreign_module(tmp_path, digits_checkpoint):
-    ptq = PostTrainingQuantization(recipes=["fp32", "bf16", "int8", "int2", "int8_static", "w4a8_static"], output_dir=str(tmp_path / "ptq"))
+    ptq = PostTrainingQuantization(
+        recipes=["fp32", "bf16", "int8", "int2", "int8_static", "w4a8_static"], output_dir=str(tmp_path / "ptq")
+    )
     model = DigitsNet.load_from_checkpoint(digits_checkpoint)
     trainer(tmp_path, [ptq]).test(model)
     rows = _rows(tmp_path / "ptq" / "results.csv")
@@ -142,5 +144,7 @@ def test_ddp_gives_the_same_table_as_one_process(tmp_path, digits_checkpoint):
         out = tmp_path / str(devices)
         ptq = PostTrainingQuantization(recipes=["fp32", "int4"], output_dir=str(out))
         trainer(tmp_path, [ptq], devices=devices, strategy=strategy).test(DigitsNet(), ckpt_path=str(digits_checkpoint))
-        tables[devices] = {k: {c: v for c, v in row.items() if c != "seconds"} for k, row in _rows(out / "results.csv").items()}
+        tables[devices] = {
+            k: {c: v for c, v in row.items() if c != "seconds"} for k, row in _rows(out / "results.csv").items()
+        }
     assert tables[1] == tables[2]

@@ -2,15 +2,20 @@ import copy
 
 import pytest
 import torch
+from digits import DigitsNet, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
+from torchao.quantization.qat import FakeQuantizedLinear
 
-from digits import DigitsNet, trainer
 from qlight import PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
 from qlight.quantization import FakeQuantizedConv2d
-from qlight.quantization.fake_quant import ChannelGroupedFakeQuantizer, FusedFakeQuantizer, activation_config, weight_config
-from torchao.quantization.qat import FakeQuantizedLinear
+from qlight.quantization.fake_quant import (
+    ChannelGroupedFakeQuantizer,
+    FusedFakeQuantizer,
+    activation_config,
+    weight_config,
+)
 
 
 def prepared(bits=3, **kwargs):
@@ -57,7 +62,9 @@ def test_every_layer_runs_fake_quantized_weights_with_gradients():
 )
 def test_fused_fake_quant_is_torchaos_forward_with_a_straight_through_gradient(bits, config, shape, dtype):
     torch.manual_seed(bits)
-    x = (torch.randn(shape) * torch.rand(shape[0], *[1] * (len(shape) - 1)) + 0.3 * (config is activation_config)).to(dtype)
+    x = (torch.randn(shape) * torch.rand(shape[0], *[1] * (len(shape) - 1)) + 0.3 * (config is activation_config)).to(
+        dtype
+    )
     x[0] = 0  # an all-zero group takes the eps scale
     fused, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
     quantizer = FusedFakeQuantizer(config(bits))
@@ -116,7 +123,9 @@ def test_qat_beats_ptq_at_two_bits_on_real_digits(tmp_path, digits_checkpoint):
     trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(digits_checkpoint))
     ptq_acc = ptq.results[-1]["acc1"]
     torch.manual_seed(0)
-    qat = QuantizationAwareTraining(weight_bits=2, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path / "qat"))
+    qat = QuantizationAwareTraining(
+        weight_bits=2, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path / "qat")
+    )
     trainer(tmp_path, [qat], max_epochs=3).fit(DigitsNet(lr=0.01))
     rows = qat.results
     assert [r["epoch"] for r in rows if r["split"] == "val"] == [0, 1, 2]
@@ -131,7 +140,9 @@ def test_qat_beats_ptq_at_two_bits_on_real_digits(tmp_path, digits_checkpoint):
 
 
 def test_qat_with_int8_activations_trains_under_bf16_autocast(tmp_path, digits_checkpoint):
-    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path))
+    qat = QuantizationAwareTraining(
+        weight_bits=4, activation_bits=8, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path)
+    )
     model = DigitsNet(lr=0.01)
     trainer(tmp_path, [qat], max_epochs=1, precision="bf16-mixed").fit(model)
     assert [r["fake_quant"] for r in qat.results] == ["on", "converted"]
@@ -160,7 +171,9 @@ def test_resume_mid_qat_and_test_from_a_qat_checkpoint(tmp_path, digits_checkpoi
         assert abs((expected(x).argmax(1) == y).float().mean().item() - result[0]["test_acc"]) < 1e-6
 
     with pytest.raises(QlightError, match="weight_bits"):
-        trainer(tmp_path, [QuantizationAwareTraining(weight_bits=4)], max_epochs=2).fit(DigitsNet(), ckpt_path=str(first))
+        trainer(tmp_path, [QuantizationAwareTraining(weight_bits=4)], max_epochs=2).fit(
+            DigitsNet(), ckpt_path=str(first)
+        )
 
 
 def test_learned_scales_train_and_convert_exactly(tmp_path, digits_checkpoint):
@@ -181,13 +194,17 @@ def test_learned_scales_train_and_convert_exactly(tmp_path, digits_checkpoint):
     with torch.no_grad():
         assert (converted(x) - model(x)).abs().max() <= 1e-5
 
-    learned = QuantizationAwareTraining(weight_bits=2, learned_scales=True, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path))
+    learned = QuantizationAwareTraining(
+        weight_bits=2, learned_scales=True, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path)
+    )
     trainer(tmp_path, [learned], max_epochs=1).fit(DigitsNet(lr=0.01))
     assert learned.results[-1]["fake_quant"] == "converted" and learned.results[-1]["acc1"] > 0.8
 
 
 def test_qat_under_ddp_writes_once_with_synced_metrics(tmp_path, digits_checkpoint):
-    qat = QuantizationAwareTraining(weight_bits=4, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path / "qat"))
+    qat = QuantizationAwareTraining(
+        weight_bits=4, baseline_ckpt=str(digits_checkpoint), output_dir=str(tmp_path / "qat")
+    )
     trainer(tmp_path, [qat], max_epochs=1, devices=2, strategy="ddp_spawn").fit(DigitsNet(lr=0.01))
     rows = (tmp_path / "qat" / "results.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,split") and len(rows) == 3  # header, epoch 0, converted

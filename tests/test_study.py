@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bit_curve_recovers_known_parameters():
     bits = [2, 3, 4, 6, 8]
-    acc = [0.7 - 3.2 * 4.0 ** -b for b in bits]
+    acc = [0.7 - 3.2 * 4.0**-b for b in bits]
     curve = fit_bit_curve(bits, acc)
     assert curve.plateau == pytest.approx(0.7) and curve.drop == pytest.approx(3.2)
     # 0.7 - 3.2 * 4^-b = 0.69  ->  b = log4(320)
@@ -41,14 +41,29 @@ def test_cast_outcomes_counts_fp16_and_bf16_limits():
 
 
 TINY = [
-    "--data.synthetic_train_size=256", "--data.synthetic_test_size=64", "--data.val_size=64", "--data.batch_size=32",
-    "--baseline.epochs=1", "--ptq.recipes=[fp32, bf16, int8, int4, int2]", "--ptq.calibration_batches=1",
-    "--qat.bits=[4, 2]", "--qat.epochs=2", "--precision.epochs=1", "--precision.sample_every_n_steps=2",
+    "--data.synthetic_train_size=256",
+    "--data.synthetic_test_size=64",
+    "--data.val_size=64",
+    "--data.batch_size=32",
+    "--baseline.epochs=1",
+    "--ptq.recipes=[fp32, bf16, int8, int4, int2]",
+    "--ptq.calibration_batches=1",
+    "--qat.bits=[4, 2]",
+    "--qat.epochs=2",
+    "--precision.epochs=1",
+    "--precision.sample_every_n_steps=2",
 ]
 
 
 def study(tmp_path, *extra):
-    args = ["study", "--config", str(ROOT / "configs/study_smoke.yaml"), f"--study_dir={tmp_path / 'study'}", *TINY, *extra]
+    args = [
+        "study",
+        "--config",
+        str(ROOT / "configs/study_smoke.yaml"),
+        f"--study_dir={tmp_path / 'study'}",
+        *TINY,
+        *extra,
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     return exit_info.value.code
@@ -66,7 +81,13 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
 
     root = tmp_path / "study"
     report = (root / "report.md").read_text()
-    for section in ("## Post-training quantization", "## Accuracy vs bit-width", "## Quantization-aware training", "## fp16 vs bf16", "## Plots"):
+    for section in (
+        "## Post-training quantization",
+        "## Accuracy vs bit-width",
+        "## Quantization-aware training",
+        "## fp16 vs bf16",
+        "## Plots",
+    ):
         assert section in report
     pngs = sorted(root.glob("*.png"))
     assert len(pngs) >= 3
@@ -89,7 +110,9 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     third = capsys.readouterr().out
     assert "[study] qat_int4: skipped" in third and "[study] qat_int2: done" in third
     rows = read_csv(root / "qat_int2" / "results.csv")
-    assert [(r["epoch"], r["fake_quant"]) for r in rows][:2] == [("0", "on"), ("1", "on")] and rows[-1]["fake_quant"] == "converted"
+    assert [(r["epoch"], r["fake_quant"]) for r in rows][:2] == [("0", "on"), ("1", "on")] and rows[-1][
+        "fake_quant"
+    ] == "converted"
     report = (root / "report.md").read_text()
 
     assert study(tmp_path, "--seed=1") == 2

@@ -147,7 +147,9 @@ class CIFAR100DataModule(LightningDataModule):
         if self.test_set is not None:
             return
         if self.hparams.synthetic:
-            train = synthetic_images(self.hparams.synthetic_train_size, self.num_classes, self.hparams.seed, split_seed=0)
+            train = synthetic_images(
+                self.hparams.synthetic_train_size, self.num_classes, self.hparams.seed, split_seed=0
+            )
             test = synthetic_images(self.hparams.synthetic_test_size, self.num_classes, self.hparams.seed, split_seed=1)
         else:
             train = load_cifar100(self.hparams.data_dir, True, self.hparams.verify_checksums)
@@ -168,8 +170,17 @@ class CIFAR100DataModule(LightningDataModule):
 
     def _batches(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         # Whole batches are gathered with one tensor index: no per-image collate, no workers.
-        order = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.hparams.seed)) if shuffle else SequentialSampler(dataset)
-        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(order, self.hparams.batch_size, drop_last), pin_memory=self._on_gpu())
+        order = (
+            RandomSampler(dataset, generator=torch.Generator().manual_seed(self.hparams.seed))
+            if shuffle
+            else SequentialSampler(dataset)
+        )
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=BatchSampler(order, self.hparams.batch_size, drop_last),
+            pin_memory=self._on_gpu(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup('fit') first"

@@ -30,7 +30,9 @@ class VGG(nn.Module):
     """VGG feature stack on 32x32 images (five pools leave 1x1xC, C = 512 in the standard tables)
     and a C-hidden-hidden-classes head."""
 
-    def __init__(self, features: nn.Sequential, num_classes: int = 100, dropout: float = 0.5, hidden: int = 512) -> None:
+    def __init__(
+        self, features: nn.Sequential, num_classes: int = 100, dropout: float = 0.5, hidden: int = 512
+    ) -> None:
         super().__init__()
         self.features = features
         width = [m.out_channels for m in features if isinstance(m, nn.Conv2d)][-1]

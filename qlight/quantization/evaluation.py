@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -57,7 +58,9 @@ class Accuracy:
     count: int
 
 
-def transferred_batches(trainer: Trainer, pl_module: LightningModule, loader: Iterable, limit: int | None = None, shard: bool = False) -> Iterable[tuple[Tensor, Tensor]]:
+def transferred_batches(
+    trainer: Trainer, pl_module: LightningModule, loader: Iterable, limit: int | None = None, shard: bool = False
+) -> Iterable[tuple[Tensor, Tensor]]:
     """Yield ``(inputs, targets)`` from ``loader`` after the module's and DataModule's batch-transfer
     hooks, as the test loop would see them (no training augmentation).
 
@@ -79,7 +82,12 @@ def transferred_batches(trainer: Trainer, pl_module: LightningModule, loader: It
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], trainer: Trainer, input_dtype: torch.dtype = torch.float32) -> Accuracy:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    trainer: Trainer,
+    input_dtype: torch.dtype = torch.float32,
+) -> Accuracy:
     """Top-1/top-5 accuracy, summed over ranks so every rank gets the same numbers."""
     device = trainer.strategy.root_device
     correct = torch.zeros(2, dtype=torch.float64, device=device)  # top-1, top-5

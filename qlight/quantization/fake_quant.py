@@ -146,20 +146,40 @@ class FakeQuantizedConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, weight_config: IntxFakeQuantizeConfig, activation_config: IntxFakeQuantizeConfig | None = None
-    ) -> "FakeQuantizedConv2d":
+        cls,
+        conv: nn.Conv2d,
+        weight_config: IntxFakeQuantizeConfig,
+        activation_config: IntxFakeQuantizeConfig | None = None,
+    ) -> FakeQuantizedConv2d:
         new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-            weight_config=weight_config, activation_config=activation_config,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+            weight_config=weight_config,
+            activation_config=activation_config,
         )
         new.weight, new.bias = conv.weight, conv.bias  # share the parameters: optimizers keep working
         return new
 
     def to_conv(self) -> nn.Conv2d:
         conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-            self.groups, self.bias is not None, self.padding_mode, device="meta",
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device="meta",
         )
         conv.weight, conv.bias = self.weight, self.bias
         return conv
@@ -169,7 +189,10 @@ FAKE_QUANTIZED = (FakeQuantizedConv2d, FakeQuantizedLinear)
 
 
 def insert_fake_quant(
-    model: nn.Module, targets: list[str], weight: IntxFakeQuantizeConfig, activation: IntxFakeQuantizeConfig | None = None
+    model: nn.Module,
+    targets: list[str],
+    weight: IntxFakeQuantizeConfig,
+    activation: IntxFakeQuantizeConfig | None = None,
 ) -> None:
     """Swap the named Conv2d/Linear modules of ``model`` for fake-quantized ones, in place."""
     for name in targets:

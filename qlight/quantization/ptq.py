@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import time
 import traceback
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -13,14 +14,30 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from qlight.errors import QlightError
-from qlight.quantization.evaluation import dataloader, detached_copy, evaluate, load_checkpoint_weights, transferred_batches
+from qlight.quantization.evaluation import (
+    dataloader,
+    detached_copy,
+    evaluate,
+    load_checkpoint_weights,
+    transferred_batches,
+)
 from qlight.quantization.recipes import FloatCast, Recipe, parse_recipe, quantizable_modules, quantized_weight_sizes
 from qlight.quantization.reporting import log_to_loggers, markdown_table, output_dir, write_csv
 from qlight.quantization.serialization import quantized_bytes
 
 COLUMNS = [
-    "recipe", "bits", "acc1", "acc5", "delta_acc1", "size_bytes", "size_mib", "compression",
-    "quantized_modules", "quantized_params", "seconds", "error",
+    "recipe",
+    "bits",
+    "acc1",
+    "acc5",
+    "delta_acc1",
+    "size_bytes",
+    "size_mib",
+    "compression",
+    "quantized_modules",
+    "quantized_params",
+    "seconds",
+    "error",
 ]
 
 
@@ -102,7 +119,9 @@ class PostTrainingQuantization(Callback):
         calibration: list[torch.Tensor] = []
         if any(r.static for r in self.recipes):
             train_loader = dataloader(trainer, pl_module, "train")
-            calibration = [x.cpu() for x, _ in transferred_batches(trainer, pl_module, train_loader, self.calibration_batches)]
+            calibration = [
+                x.cpu() for x, _ in transferred_batches(trainer, pl_module, train_loader, self.calibration_batches)
+            ]
         example = next(iter(transferred_batches(trainer, pl_module, test_loader, 1)))[0]
 
         rows: list[dict[str, Any]] = []
@@ -112,13 +131,18 @@ class PostTrainingQuantization(Callback):
             try:
                 device = torch.device("cpu") if recipe.static else pl_module.device
                 model = recipe.quantize(copy.deepcopy(source).to(device).eval(), set(targets), calibration)
-                batches = ((x.to(device), y.to(device)) for x, y in transferred_batches(trainer, pl_module, test_loader, self.eval_batches, shard=True))
+                batches = (
+                    (x.to(device), y.to(device))
+                    for x, y in transferred_batches(trainer, pl_module, test_loader, self.eval_batches, shard=True)
+                )
                 accuracy = evaluate(model, batches, trainer, recipe.input_dtype)
                 payload = quantized_bytes(model, recipe.name, targets, source, example.to(device))
                 if self.save_models and trainer.is_global_zero:
                     out.mkdir(parents=True, exist_ok=True)
                     (out / f"{recipe.name}{'.pt2' if recipe.static else '.pt'}").write_bytes(payload)
-                row.update(acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload), **_quantized_counts(model, recipe))
+                row.update(
+                    acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload), **_quantized_counts(model, recipe)
+                )
             except QlightError:
                 raise
             except Exception as err:  # one failing recipe must not lose the others
@@ -134,7 +158,10 @@ class PostTrainingQuantization(Callback):
             (out / "results.md").write_text(f"# Post-training quantization\n\n{table}")
             rank_zero_info(f"PTQ results ({out / 'results.csv'}):\n{table}")
         metrics = {
-            f"ptq/{row['recipe']}/{key}": float(row[key]) for row in self.results for key in ("acc1", "acc5", "size_mib") if row.get(key) is not None
+            f"ptq/{row['recipe']}/{key}": float(row[key])
+            for row in self.results
+            for key in ("acc1", "acc5", "size_mib")
+            if row.get(key) is not None
         }
         log_to_loggers(trainer, metrics, {"ptq/results": table})
         trainer.strategy.barrier("qlight_ptq")

@@ -10,7 +10,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from qlight.errors import QlightError
-from qlight.quantization.evaluation import dataloader, detached_copy, evaluate, load_checkpoint_weights, transferred_batches
+from qlight.quantization.evaluation import (
+    dataloader,
+    detached_copy,
+    evaluate,
+    load_checkpoint_weights,
+    transferred_batches,
+)
 from qlight.quantization.fake_quant import (
     FAKE_QUANTIZED,
     activation_config,
@@ -79,7 +85,8 @@ class QuantizationAwareTraining(Callback):
     ) -> None:
         if weight_bits is None:
             raise QlightError(
-                "QAT needs weight_bits (2..8)" + (": activation_bits alone are not supported" if activation_bits else "")
+                "QAT needs weight_bits (2..8)"
+                + (": activation_bits alone are not supported" if activation_bits else "")
             )
         _check_bits("weight_bits", weight_bits)
         _check_bits("activation_bits", activation_bits)
@@ -145,7 +152,9 @@ class QuantizationAwareTraining(Callback):
         if trainer.is_global_zero:
             out.mkdir(parents=True, exist_ok=True)
             (out / "model.pt").write_bytes(payload)
-            rank_zero_info(f"QAT int{self.weight_bits}: converted test acc1 {row['acc1']:.4f}, {len(payload) / 2**20:.2f} MiB -> {out / 'model.pt'}")
+            rank_zero_info(
+                f"QAT int{self.weight_bits}: converted test acc1 {row['acc1']:.4f}, {len(payload) / 2**20:.2f} MiB -> {out / 'model.pt'}"
+            )
         log_to_loggers(trainer, {"qat/size_mib": len(payload) / 2**20})
         trainer.strategy.barrier("qlight_qat")
 
@@ -168,7 +177,13 @@ class QuantizationAwareTraining(Callback):
         return [name for name, module in pl_module.named_modules() if isinstance(module, FAKE_QUANTIZED)]
 
     def _record(
-        self, trainer: Trainer, pl_module: LightningModule, model: nn.Module, split: str, epoch: int, converted: bool = False
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        model: nn.Module,
+        split: str,
+        epoch: int,
+        converted: bool = False,
     ) -> dict[str, Any]:
         start = time.perf_counter()
         was_training = model.training
@@ -177,10 +192,21 @@ class QuantizationAwareTraining(Callback):
         accuracy = evaluate(model, transferred_batches(trainer, pl_module, loader, shard=True), trainer)
         model.train(was_training)
         on = "converted" if converted else ("on" if epoch >= self.start_epoch else "off")
-        row = {"epoch": epoch, "split": split, "fake_quant": on, "acc1": accuracy.acc1, "acc5": accuracy.acc5, "seconds": round(time.perf_counter() - start, 2)}
+        row = {
+            "epoch": epoch,
+            "split": split,
+            "fake_quant": on,
+            "acc1": accuracy.acc1,
+            "acc5": accuracy.acc5,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         self.results.append(row)
         prefix = "qat/converted" if converted else "qat"
-        log_to_loggers(trainer, {f"{prefix}/acc1": accuracy.acc1, f"{prefix}/acc5": accuracy.acc5}, step=None if converted else epoch)
+        log_to_loggers(
+            trainer,
+            {f"{prefix}/acc1": accuracy.acc1, f"{prefix}/acc5": accuracy.acc5},
+            step=None if converted else epoch,
+        )
         if trainer.is_global_zero:
             out = output_dir(trainer, self.output_dir, "qat")
             write_csv(self.results, out / "results.csv", COLUMNS)
@@ -188,7 +214,11 @@ class QuantizationAwareTraining(Callback):
         return row
 
     def _settings(self) -> dict[str, Any]:
-        return {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits, "learned_scales": self.learned_scales}
+        return {
+            "weight_bits": self.weight_bits,
+            "activation_bits": self.activation_bits,
+            "learned_scales": self.learned_scales,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._settings(), "results": self.results}
@@ -198,4 +228,3 @@ class QuantizationAwareTraining(Callback):
         if saved != self._settings():
             raise QlightError(f"the checkpoint was trained with QAT {saved}, this callback has {self._settings()}")
         self.results = list(state_dict["results"])
-

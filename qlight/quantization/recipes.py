@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Union
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -196,7 +197,9 @@ def quantized_weight_sizes(model: nn.Module) -> list[int]:
     if isinstance(model, torch.fx.GraphModule):
         dequantized = [node.args[0] for node in model.graph.nodes if "dequantize_per_channel" in str(node.target)]
         return [operator.attrgetter(node.target)(model).numel() for node in dequantized if node.op == "get_attr"]
-    return [m.weight.numel() for m in model.modules() if isinstance(getattr(m, "weight", None), IntxUnpackedToInt8Tensor)]
+    return [
+        m.weight.numel() for m in model.modules() if isinstance(getattr(m, "weight", None), IntxUnpackedToInt8Tensor)
+    ]
 
 
 def module_filter(targets: set[str]) -> Callable[[nn.Module, str], bool]:

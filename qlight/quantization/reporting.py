@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lightning.pytorch import Trainer
 
@@ -39,7 +40,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines) + "\n"
 
 
-def log_to_loggers(trainer: Trainer, metrics: dict[str, float], text: dict[str, str] | None = None, step: int | None = None) -> None:
+def log_to_loggers(
+    trainer: Trainer, metrics: dict[str, float], text: dict[str, str] | None = None, step: int | None = None
+) -> None:
     """Scalars to every logger; Markdown text to loggers that take it (TensorBoard's ``add_text``)."""
     step = trainer.global_step if step is None else step
     for logger in trainer.loggers:

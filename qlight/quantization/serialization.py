@@ -100,7 +100,9 @@ def _instantiate(spec: dict[str, Any]) -> nn.Module:
     return cls(**{key: value for key, value in spec["init_args"].items() if not key.startswith("_")})
 
 
-def load_quantized(path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_quantized(
+    path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+) -> nn.Module:
     """Rebuild a model saved by the quantization callbacks.
 
     Args:
@@ -125,7 +127,11 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, map_locatio
     for key, value in state.items():
         if isinstance(value, dict):
             target = current[key]
-            codes = value["codes"] if value["bits"] == 8 else unpack_bits(value["codes"], value["bits"], tuple(value["shape"]))
+            codes = (
+                value["codes"]
+                if value["bits"] == 8
+                else unpack_bits(value["codes"], value["bits"], tuple(value["shape"]))
+            )
             target.qdata.copy_(codes)
             target.scale.copy_(value["scale"])
             target.zero_point.copy_(value["zero_point"])

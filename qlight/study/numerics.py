@@ -64,7 +64,9 @@ class PrecisionStats(Callback):
             if module.training and self._sampling(trainer) and torch.is_tensor(output):
                 self._add("activation", output)
 
-        self._hooks = [m.register_forward_hook(record) for m in pl_module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        self._hooks = [
+            m.register_forward_hook(record) for m in pl_module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        ]
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for hook in self._hooks:
@@ -77,7 +79,9 @@ class PrecisionStats(Callback):
             if grads:
                 self._add("gradient", torch.cat(grads))
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss) and (trainer.global_step - 1) % self.every_n_steps == 0:
             self.losses.append((trainer.global_step, float(loss)))
@@ -96,7 +100,10 @@ class PrecisionStats(Callback):
         values = {}
         for key, counts in sorted(self.counts.items()):
             total = max(counts["count"], 1)
-            values[key] = {**counts, **{f"{k}_share": counts[k] / total for k in ("overflow", "underflow", "subnormal")}}
+            values[key] = {
+                **counts,
+                **{f"{k}_share": counts[k] / total for k in ("overflow", "underflow", "subnormal")},
+            }
         decreases, increases = (int(n) for n in self._scale_changes)
         scaler = {
             # GradScaler lowers the scale exactly when it skipped a step for inf/NaN gradients.

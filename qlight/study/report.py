@@ -39,11 +39,13 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 def _ptq_points(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], float | None, list[tuple[int, float]]]:
     """Measured PTQ rows by recipe, the fp32 accuracy and the sorted (bits, acc1) of weight-only recipes."""
     by_name = {r["recipe"]: r for r in rows if r.get("acc1") is not None}
-    ints = sorted((r["bits"], r["acc1"]) for name, r in by_name.items() if name.startswith("int") and "static" not in name)
+    ints = sorted(
+        (r["bits"], r["acc1"]) for name, r in by_name.items() if name.startswith("int") and "static" not in name
+    )
     return by_name, by_name.get("fp32", {}).get("acc1"), ints
 
 
-def collect(study: "Study") -> dict[str, Any]:
+def collect(study: Study) -> dict[str, Any]:
     """Every number of the study, read back from the files its stages wrote."""
     root = study.dir
     results: dict[str, Any] = {"config": study._fingerprint(), "errors": dict(study.errors)}
@@ -59,7 +61,9 @@ def collect(study: "Study") -> dict[str, Any]:
             "model": "acc(b) = plateau - drop * 4^(-b)  (quantization noise variance ~ 2^(-2b)), least squares",
             "plateau": fit.plateau,
             "drop": fit.drop,
-            "first_bits_gap_over_1pt_measured": first_bits_with_gap([b for b, _ in ints], [a for _, a in ints], fp32, GAP),
+            "first_bits_gap_over_1pt_measured": first_bits_with_gap(
+                [b for b, _ in ints], [a for _, a in ints], fp32, GAP
+            ),
             "bits_gap_1pt_fitted": fit.bits_for_gap(fp32, GAP),
         }
     results["bit_curve"] = curve
@@ -81,7 +85,9 @@ def collect(study: "Study") -> dict[str, Any]:
     results["qat"] = qat
     precisions, note = study.precisions()
     results["precision"] = {
-        p: json.loads((root / "precision" / f"{p}.json").read_text()) for p in precisions if (root / "precision" / f"{p}.json").is_file()
+        p: json.loads((root / "precision" / f"{p}.json").read_text())
+        for p in precisions
+        if (root / "precision" / f"{p}.json").is_file()
     }
     results["precision_note"] = note
     return results
@@ -100,7 +106,9 @@ def _figures(results: dict[str, Any]) -> dict[str, plt.Figure]:
             ax.plot(grid, [fitted(b) for b in grid], "-", alpha=0.6, label="fit: plateau - drop·4^-b")
             if curve["first_bits_gap_over_1pt_measured"] is not None:
                 ax.axvline(curve["first_bits_gap_over_1pt_measured"], color="red", ls=":", label="gap > 1 pt")
-        qat = sorted((int(b), q["converted_acc1"]) for b, q in results["qat"].items() if q["converted_acc1"] is not None)
+        qat = sorted(
+            (int(b), q["converted_acc1"]) for b, q in results["qat"].items() if q["converted_acc1"] is not None
+        )
         if qat:
             ax.plot(*zip(*qat), "s", label="QAT (converted)")
         if fp32 is not None:
@@ -165,19 +173,38 @@ def _pct(value: Any) -> str:
 def _markdown(results: dict[str, Any], images: list[str]) -> str:
     cfg = results["config"]
     data = cfg["data"]
-    source = f"synthetic ({data['synthetic_train_size']} train / {data['synthetic_test_size']} test images)" if data["synthetic"] else "CIFAR-100"
+    source = (
+        f"synthetic ({data['synthetic_train_size']} train / {data['synthetic_test_size']} test images)"
+        if data["synthetic"]
+        else "CIFAR-100"
+    )
     lines = ["# qlight quantization study", ""]
-    lines += [f"Model: {cfg['model'].get('num_classes')}-class VGG-11-BN; data: {source}; baseline: "
-              + (f"{cfg['baseline']['ckpt']}" if cfg["baseline"]["ckpt"] else f"{cfg['baseline']['epochs']} epochs")
-              + f"; trainer: {cfg['trainer']}.", ""]
+    lines += [
+        f"Model: {cfg['model'].get('num_classes')}-class VGG-11-BN; data: {source}; baseline: "
+        + (f"{cfg['baseline']['ckpt']}" if cfg["baseline"]["ckpt"] else f"{cfg['baseline']['epochs']} epochs")
+        + f"; trainer: {cfg['trainer']}.",
+        "",
+    ]
     if results["baseline"]:
         b = results["baseline"]
-        lines += [f"Baseline test top-1 {_pct(b['test_acc1'])}%, top-5 {_pct(b['test_acc5'])}% ({b['checkpoint']}).", ""]
+        lines += [
+            f"Baseline test top-1 {_pct(b['test_acc1'])}%, top-5 {_pct(b['test_acc5'])}% ({b['checkpoint']}).",
+            "",
+        ]
     lines += ["## Post-training quantization", "", "Every Conv2d and Linear; sizes are bytes of the saved file.", ""]
     if results["ptq"]:
-        rows = [{"recipe": r["recipe"], "bits": r["bits"], "top-1 %": _pct(r.get("acc1")), "Δ vs fp32 (pt)": None if r.get("delta_acc1") is None else f"{100 * r['delta_acc1']:+.2f}",
-                 "size MiB": None if r.get("size_mib") is None else f"{r['size_mib']:.2f}", "compression": None if r.get("compression") is None else f"{r['compression']:.1f}x",
-                 "error": r.get("error")} for r in results["ptq"]]
+        rows = [
+            {
+                "recipe": r["recipe"],
+                "bits": r["bits"],
+                "top-1 %": _pct(r.get("acc1")),
+                "Δ vs fp32 (pt)": None if r.get("delta_acc1") is None else f"{100 * r['delta_acc1']:+.2f}",
+                "size MiB": None if r.get("size_mib") is None else f"{r['size_mib']:.2f}",
+                "compression": None if r.get("compression") is None else f"{r['compression']:.1f}x",
+                "error": r.get("error"),
+            }
+            for r in results["ptq"]
+        ]
         lines += [markdown_table(rows, list(rows[0]))]
     else:
         lines += ["(no PTQ results)", ""]
@@ -185,16 +212,32 @@ def _markdown(results: dict[str, Any], images: list[str]) -> str:
     curve = results["bit_curve"]
     if curve:
         fitted = curve["bits_gap_1pt_fitted"]
-        lines += [f"Fitted model: {curve['model']}: plateau {_pct(curve['plateau'])}%, drop {curve['drop']:.3f}.",
-                  f"First measured bit-width more than 1 point below fp32: {curve['first_bits_gap_over_1pt_measured'] or 'none'}; "
-                  f"the fit crosses 1 point at {'n/a' if fitted is None else f'{fitted:.2f}'} bits.", ""]
+        lines += [
+            f"Fitted model: {curve['model']}: plateau {_pct(curve['plateau'])}%, drop {curve['drop']:.3f}.",
+            f"First measured bit-width more than 1 point below fp32: {curve['first_bits_gap_over_1pt_measured'] or 'none'}; "
+            f"the fit crosses 1 point at {'n/a' if fitted is None else f'{fitted:.2f}'} bits.",
+            "",
+        ]
     else:
         lines += ["(needs fp32 and at least two integer bit-widths)", ""]
-    lines += ["## Quantization-aware training", "", "From the baseline, fake-quant on every Conv2d and Linear, evaluated on the test set after each epoch (the same split as PTQ).", ""]
+    lines += [
+        "## Quantization-aware training",
+        "",
+        "From the baseline, fake-quant on every Conv2d and Linear, evaluated on the test set after each epoch (the same split as PTQ).",
+        "",
+    ]
     if results["qat"]:
-        rows = [{"bits": b, "PTQ top-1 %": _pct(q["ptq_acc1"]), "QAT last epoch %": _pct(q["acc1_per_epoch"][-1] if q["acc1_per_epoch"] else None),
-                 "QAT converted %": _pct(q["converted_acc1"]), "epochs to match PTQ": q["epochs_to_match_ptq"] or "not reached",
-                 "epochs to match fp32": q["epochs_to_match_fp32"] or "not reached"} for b, q in results["qat"].items()]
+        rows = [
+            {
+                "bits": b,
+                "PTQ top-1 %": _pct(q["ptq_acc1"]),
+                "QAT last epoch %": _pct(q["acc1_per_epoch"][-1] if q["acc1_per_epoch"] else None),
+                "QAT converted %": _pct(q["converted_acc1"]),
+                "epochs to match PTQ": q["epochs_to_match_ptq"] or "not reached",
+                "epochs to match fp32": q["epochs_to_match_fp32"] or "not reached",
+            }
+            for b, q in results["qat"].items()
+        ]
         lines += [markdown_table(rows, list(rows[0]))]
     else:
         lines += ["(no QAT results)", ""]
@@ -202,17 +245,44 @@ def _markdown(results: dict[str, Any], images: list[str]) -> str:
     if results["precision_note"]:
         lines += [f"Note: {results['precision_note']}.", ""]
     if results["precision"]:
-        rows = [{"precision": p, "device": r["device"], "epochs": r["epochs"], "val top-1 %": _pct(r["val_acc1"]), "s/epoch": f"{r['seconds_per_epoch']:.1f}",
-                 "peak memory MiB": "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}",
-                 "GradScaler skipped steps": r["scaler"]["skipped_steps"], "scale changes": r["scaler"]["scale_increases"] + r["scaler"]["scale_decreases"]}
-                for p, r in results["precision"].items()]
-        lines += [markdown_table(rows, list(rows[0])), "Sampled values cast to each format (% of finite non-zero values):", ""]
-        rows = [{"trained in": p, "values": k.split("/")[0], "cast to": k.split("/")[1], "sampled": v["count"], "overflow %": f"{100 * v['overflow_share']:.4f}",
-                 "underflow to 0 %": f"{100 * v['underflow_share']:.4f}", "subnormal %": f"{100 * v['subnormal_share']:.4f}"}
-                for p, r in results["precision"].items() for k, v in r["values"].items()]
+        rows = [
+            {
+                "precision": p,
+                "device": r["device"],
+                "epochs": r["epochs"],
+                "val top-1 %": _pct(r["val_acc1"]),
+                "s/epoch": f"{r['seconds_per_epoch']:.1f}",
+                "peak memory MiB": "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}",
+                "GradScaler skipped steps": r["scaler"]["skipped_steps"],
+                "scale changes": r["scaler"]["scale_increases"] + r["scaler"]["scale_decreases"],
+            }
+            for p, r in results["precision"].items()
+        ]
+        lines += [
+            markdown_table(rows, list(rows[0])),
+            "Sampled values cast to each format (% of finite non-zero values):",
+            "",
+        ]
+        rows = [
+            {
+                "trained in": p,
+                "values": k.split("/")[0],
+                "cast to": k.split("/")[1],
+                "sampled": v["count"],
+                "overflow %": f"{100 * v['overflow_share']:.4f}",
+                "underflow to 0 %": f"{100 * v['underflow_share']:.4f}",
+                "subnormal %": f"{100 * v['subnormal_share']:.4f}",
+            }
+            for p, r in results["precision"].items()
+            for k, v in r["values"].items()
+        ]
         lines += [markdown_table(rows, list(rows[0])) if rows else ""]
     by_name = {r["recipe"]: r for r in results["ptq"]}
-    casts = [f"{n}: top-1 {_pct(by_name[n].get('acc1'))}%, {by_name[n].get('size_mib') or 0:.2f} MiB" for n in ("fp16", "bf16") if n in by_name]
+    casts = [
+        f"{n}: top-1 {_pct(by_name[n].get('acc1'))}%, {by_name[n].get('size_mib') or 0:.2f} MiB"
+        for n in ("fp16", "bf16")
+        if n in by_name
+    ]
     if casts:
         lines += ["PTQ casts of the baseline: " + "; ".join(casts) + ".", ""]
     lines += ["## Plots", ""] + [f"![{name}]({name}.png)" for name in images] + [""]
@@ -221,7 +291,7 @@ def _markdown(results: dict[str, Any], images: list[str]) -> str:
     return "\n".join(lines)
 
 
-def build_report(study: "Study") -> Path:
+def build_report(study: Study) -> Path:
     """Write results.json, report.md and the PNGs into the study directory, and the figures,
     scalars and hparams into ``<study_dir>/tensorboard/report``; returns report.md's path."""
     results = collect(study)
@@ -236,9 +306,20 @@ def build_report(study: "Study") -> Path:
     (study.dir / "report.md").write_text(report)
     (study.dir / "results.json").write_text(json.dumps(results, indent=2))
     metrics = {f"ptq/{r['recipe']}/acc1": r["acc1"] for r in results["ptq"] if r.get("acc1") is not None}
-    metrics.update({f"qat/int{b}/converted_acc1": q["converted_acc1"] for b, q in results["qat"].items() if q["converted_acc1"] is not None})
-    hparams = {"seed": study.config.seed, "baseline_epochs": study.config.baseline.epochs, "qat_epochs": study.config.qat.epochs,
-               "qat_lr": study.config.qat.lr, "synthetic": study.config.data.synthetic}
+    metrics.update(
+        {
+            f"qat/int{b}/converted_acc1": q["converted_acc1"]
+            for b, q in results["qat"].items()
+            if q["converted_acc1"] is not None
+        }
+    )
+    hparams = {
+        "seed": study.config.seed,
+        "baseline_epochs": study.config.baseline.epochs,
+        "qat_epochs": study.config.qat.epochs,
+        "qat_lr": study.config.qat.lr,
+        "synthetic": study.config.data.synthetic,
+    }
     if metrics:
         writer.add_hparams(hparams, metrics, run_name=".")
     writer.add_text("study/report", report)
@@ -253,4 +334,6 @@ def _print_summary(directory: Path, results: dict[str, Any]) -> None:
         size = "" if r.get("size_mib") is None else f"{r['size_mib']:7.2f} MiB"
         print(f"  PTQ {r['recipe']:<12} top-1 {_pct(r.get('acc1')):>6}%  {size}  {r.get('error') or ''}")
     for b, q in results["qat"].items():
-        print(f"  QAT int{b:<9} top-1 {_pct(q['converted_acc1']):>6}%  epochs to match PTQ: {q['epochs_to_match_ptq'] or 'not reached'}")
+        print(
+            f"  QAT int{b:<9} top-1 {_pct(q['converted_acc1']):>6}%  epochs to match PTQ: {q['epochs_to_match_ptq'] or 'not reached'}"
+        )

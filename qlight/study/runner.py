@@ -13,8 +13,9 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -47,8 +48,14 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(ImageClassifier, "model", skip={"backbone"})
     parser.add_class_arguments(CIFAR100DataModule, "data")
     parser.add_argument("--baseline.epochs", type=int, default=200)
-    parser.add_argument("--baseline.ckpt", type=Optional[str], default=None, help="take this checkpoint instead of training")
-    parser.add_argument("--ptq.recipes", type=list[str], default=["fp32", "fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2", "int8_static"])
+    parser.add_argument(
+        "--baseline.ckpt", type=Optional[str], default=None, help="take this checkpoint instead of training"
+    )
+    parser.add_argument(
+        "--ptq.recipes",
+        type=list[str],
+        default=["fp32", "fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2", "int8_static"],
+    )
     parser.add_argument("--ptq.calibration_batches", type=int, default=16)
     parser.add_argument("--qat.bits", type=list[int], default=[8, 4, 3, 2])
     parser.add_argument("--qat.epochs", type=int, default=20)
@@ -76,7 +83,9 @@ class Study:
         path = self.dir / "study_config.json"
         if path.is_file() and json.loads(path.read_text()) != self._fingerprint():
             if not self.config.overwrite:
-                raise QlightError(f"{self.dir} holds a study made with another config: choose another study_dir or pass --overwrite true")
+                raise QlightError(
+                    f"{self.dir} holds a study made with another config: choose another study_dir or pass --overwrite true"
+                )
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self._fingerprint(), indent=2))
@@ -129,7 +138,11 @@ class Study:
         out = self.dir / "baseline"
         out.mkdir(parents=True, exist_ok=True)
         seed_everything(self.config.seed)
-        trainer = self._trainer("baseline", self.config.baseline.epochs, [ModelCheckpoint(out / "checkpoints", monitor="val/acc1", mode="max")])
+        trainer = self._trainer(
+            "baseline",
+            self.config.baseline.epochs,
+            [ModelCheckpoint(out / "checkpoints", monitor="val/acc1", mode="max")],
+        )
         model, data = self._model(), self.data
         start = time.perf_counter()
         if not self.config.baseline.ckpt:
@@ -139,28 +152,54 @@ class Study:
             raise QlightError(f"baseline checkpoint {self.baseline_ckpt} does not exist")
         seconds = time.perf_counter() - start
         test = trainer.test(model, data, ckpt_path=str(self.baseline_ckpt), verbose=False)[0]
-        summary = {"checkpoint": str(self.baseline_ckpt), "test_acc1": test["test/acc1"], "test_acc5": test["test/acc5"], "train_seconds": seconds}
+        summary = {
+            "checkpoint": str(self.baseline_ckpt),
+            "test_acc1": test["test/acc1"],
+            "test_acc5": test["test/acc5"],
+            "train_seconds": seconds,
+        }
         (out / "baseline.json").write_text(json.dumps(summary, indent=2))
 
     def run_ptq(self) -> None:
-        ptq = PostTrainingQuantization(self.config.ptq.recipes, run_on=["test"], calibration_batches=self.config.ptq.calibration_batches, output_dir=str(self.dir / "ptq.tmp"))
+        ptq = PostTrainingQuantization(
+            self.config.ptq.recipes,
+            run_on=["test"],
+            calibration_batches=self.config.ptq.calibration_batches,
+            output_dir=str(self.dir / "ptq.tmp"),
+        )
         self._trainer("ptq", 1, [ptq]).test(self._model(), self.data, ckpt_path=str(self.baseline_ckpt), verbose=False)
         (self.dir / "ptq.tmp").rename(self.dir / "ptq")
 
     def run_qat(self, bits: int) -> None:
         out = self.dir / f"qat_int{bits}"
-        qat = QuantizationAwareTraining(weight_bits=bits, baseline_ckpt=str(self.baseline_ckpt), eval_split="test", output_dir=str(out))
+        qat = QuantizationAwareTraining(
+            weight_bits=bits, baseline_ckpt=str(self.baseline_ckpt), eval_split="test", output_dir=str(out)
+        )
         last = out / "checkpoints" / "last.ckpt"
         seed_everything(self.config.seed)
-        trainer = self._trainer(f"qat_int{bits}", self.config.qat.epochs, [qat, ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)])
-        trainer.fit(self._model(lr=self.config.qat.lr, warmup_epochs=0), self.data, ckpt_path=str(last) if last.is_file() else None)
+        trainer = self._trainer(
+            f"qat_int{bits}",
+            self.config.qat.epochs,
+            [qat, ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)],
+        )
+        trainer.fit(
+            self._model(lr=self.config.qat.lr, warmup_epochs=0),
+            self.data,
+            ckpt_path=str(last) if last.is_file() else None,
+        )
 
     def run_precision(self, precision: str) -> None:
         out = self.dir / "precision"
         out.mkdir(exist_ok=True)
         stats = PrecisionStats(self.config.precision.sample_every_n_steps)
         seed_everything(self.config.seed)
-        trainer = self._trainer(f"precision_{precision}", self.config.precision.epochs, [stats], precision=precision, enable_checkpointing=False)
+        trainer = self._trainer(
+            f"precision_{precision}",
+            self.config.precision.epochs,
+            [stats],
+            precision=precision,
+            enable_checkpointing=False,
+        )
         if self.on_gpu():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -195,7 +234,11 @@ class Study:
                 self._stage(f"qat_int{bits}", self.dir / f"qat_int{bits}" / "model.pt", lambda b=bits: self.run_qat(b))
         if "precision" in stages:
             for precision in self.precisions()[0]:
-                self._stage(f"precision_{precision}", self.dir / "precision" / f"{precision}.json", lambda p=precision: self.run_precision(p))
+                self._stage(
+                    f"precision_{precision}",
+                    self.dir / "precision" / f"{precision}.json",
+                    lambda p=precision: self.run_precision(p),
+                )
         if "report" in stages:
             from qlight.study.report import build_report
 
@@ -208,5 +251,7 @@ def study_main(argv: list[str]) -> int:
     study = Study(config)
     code = study.run()
     if code:
-        print(f"[study] incomplete: {', '.join(study.errors)} failed (see {study.dir / 'errors.json'})", file=sys.stderr)
+        print(
+            f"[study] incomplete: {', '.join(study.errors)} failed (see {study.dir / 'errors.json'})", file=sys.stderr
+        )
     return code
