@@ -29,10 +29,10 @@ from qlight.models import VGG, vgg11_bn
 from qlight.models.vgg import CFGS, make_layers
 from qlight.quantization import fake_quant, parse_recipe, quantizable_modules
 from qlight.quantization.fake_quant import (
-    ChannelGroupedFakeQuantizer,
     FusedFakeQuantizer,
-    activation_config,
-    weight_config,
+    TorchaoFakeQuantizer,
+    activation_fake_quant_config,
+    weight_fake_quant_config,
 )
 
 
@@ -147,7 +147,7 @@ def host_step_runs(
         return 1e3 * host.batch_size / images_per_s
 
     def qat(torchao: bool, **kwargs: Any) -> float:
-        quantizer = ChannelGroupedFakeQuantizer if torchao else fake_quant.fake_quantizer
+        quantizer = TorchaoFakeQuantizer if torchao else fake_quant.fake_quantizer
         with mock.patch.object(fake_quant, "fake_quantizer", quantizer):
             return ms(
                 qlight_fit(
@@ -235,8 +235,8 @@ def fake_quant_host_ms(args: argparse.Namespace) -> dict[str, float]:
             quantizer(x).sum().backward()
         return (time.perf_counter() - start) / calls * 1e3
 
-    configs = {"weights int4": weight_config(4), "activations int8": activation_config(8)}
-    kinds = {"torchao": ChannelGroupedFakeQuantizer, "fused": FusedFakeQuantizer}
+    configs = {"weights int4": weight_fake_quant_config(4), "activations int8": activation_fake_quant_config(8)}
+    kinds = {"torchao": TorchaoFakeQuantizer, "fused": FusedFakeQuantizer}
     result: dict[str, float] = {}
     for _ in range(args.repeats):
         baseline = per_call(torch.nn.Identity())
@@ -315,9 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     )
-    print(
-        f"\n{device_name}, torch {torch.__version__}, batch {args.batch_size}, {args.precision}, best of {args.repeats} x {args.steps} steps after {args.warmup} warm-up"
-    )
+    runs = f"best of {args.repeats} x {args.steps} steps after {args.warmup} warm-up"
+    print(f"\n{device_name}, torch {torch.__version__}, batch {args.batch_size}, {args.precision}, {runs}")
     _print_section("training (images/s)", rows, ".0f")
     _print_section("inference (images/s)", inference_ips, ".0f")
     _print_section(f"PTQ quantize + evaluate ({args.test_images} test images, seconds)", seconds, ".2f")

@@ -1,10 +1,17 @@
 """qlight: quantization studies of image classifiers with PyTorch Lightning and torchao."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from qlight.classifier import ImageClassifier
 from qlight.data import CIFAR100DataModule
 from qlight.errors import QlightError
 from qlight.models import vgg11_bn
 from qlight.quantization import PostTrainingQuantization, QuantizationAwareTraining, load_quantized
+
+try:
+    __version__ = version("qlight")
+except PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CIFAR100DataModule",
@@ -12,6 +19,7 @@ __all__ = [
     "PostTrainingQuantization",
     "QlightError",
     "QuantizationAwareTraining",
+    "__version__",
     "load_quantized",
     "vgg11_bn",
 ]

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.models import build_backbone
@@ -58,11 +59,36 @@ class ImageClassifier(LightningModule):
         self.test_acc1 = self.val_acc1.clone()
         self.test_acc5 = self.val_acc5.clone()
 
+    @override
+    def setup(self, stage: str) -> None:
+        classes = getattr(self.trainer.datamodule, "num_classes", None)
+        if classes is not None and classes != self.hparams.num_classes:
+            raise QlightError(
+                f"model.num_classes is {self.hparams.num_classes} but the data has {classes} classes: "
+                f"set model.num_classes {classes}"
+            )
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from qlight.quantization.qat import QuantizationAwareTraining
+
+        trained = [key for key in checkpoint.get("callbacks", {}) if key.startswith(QuantizationAwareTraining.__name__)]
+        callbacks = self._trainer.callbacks if self._trainer is not None else None
+        if trained and callbacks is not None and not any(isinstance(c, QuantizationAwareTraining) for c in callbacks):
+            settings = checkpoint["callbacks"][trained[0]]
+            bits = settings.get("weight_bits")
+            raise QlightError(
+                f"this checkpoint was trained with QuantizationAwareTraining (int{bits}); without that callback it "
+                f"would run the float model: add QuantizationAwareTraining(weight_bits={bits}) to the trainer"
+            )
+
+    @override
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         loss = self.criterion(self(images), labels)
@@ -80,16 +106,20 @@ class ImageClassifier(LightningModule):
         self.log(f"{stage}/acc1", acc1, prog_bar=True)
         self.log(f"{stage}/acc5", acc5)
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc1, self.val_acc5)
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_acc1, self.test_acc5)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(images).argmax(dim=1)
 
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer = torch.optim.SGD(

@@ -24,11 +24,23 @@ TRAINER_DEFAULTS = {
 
 
 def _default_callbacks() -> list:
-    # LightningCLI appends these to the callbacks a config lists.
+    # LightningCLI appends these to the callbacks a config lists. ``last.ckpt`` is a checkpoint of
+    # its own, written after every epoch: ``save_last`` writes it only when the best one improves.
     return [
-        ModelCheckpoint(monitor="val/acc1", mode="max", save_last=True, filename="best-{epoch:03d}"),
+        ModelCheckpoint(monitor="val/acc1", mode="max", filename="best-{epoch:03d}"),
+        ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
         LearningRateMonitor(logging_interval="epoch"),
     ]
+
+
+def _qlight_error(err: BaseException) -> QlightError | None:
+    """The QlightError behind ``err``: jsonargparse wraps errors raised while it builds classes."""
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, QlightError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def main(args: list[str] | None = None) -> None:
@@ -47,6 +59,9 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"prog": "python -m qlight", "description": DESCRIPTION},
             args=None if args is None else argv,
         )
-    except QlightError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = _qlight_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)

@@ -47,7 +47,7 @@ def test_offline_without_dataset_says_where_to_put_it(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(cifar_module, "download_and_extract_archive", no_network)
+    monkeypatch.setattr(cifar_module, "download_url", no_network)
     with pytest.raises(QlightError) as info:
         ensure_cifar100(tmp_path, download=True)
     message = str(info.value)

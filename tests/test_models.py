@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from qlight import QlightError
 from qlight.models import build_backbone, vgg11_bn
 
 
@@ -25,5 +26,5 @@ def test_vgg11_bn_forward_in_half_precisions(dtype):
 
 
 def test_unknown_backbone_names_choices():
-    with pytest.raises(ValueError, match="vgg11_bn"):
+    with pytest.raises(QlightError, match="vgg11_bn"):
         build_backbone("resnet", 10)

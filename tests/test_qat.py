@@ -11,17 +11,17 @@ from torchao.quantization.qat import FakeQuantizedLinear
 from qlight import PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
 from qlight.quantization import FakeQuantizedConv2d
 from qlight.quantization.fake_quant import (
-    ChannelGroupedFakeQuantizer,
     FusedFakeQuantizer,
-    activation_config,
-    weight_config,
+    TorchaoFakeQuantizer,
+    activation_fake_quant_config,
+    weight_fake_quant_config,
 )
 
 
-def prepared(bits=3, **kwargs):
+def prepared(tmp_path, bits=3, **kwargs):
     model = DigitsNet()
     qat = QuantizationAwareTraining(weight_bits=bits, **kwargs)
-    qat.setup(trainer(None, max_epochs=2), model, "fit")
+    qat.setup(trainer(tmp_path, max_epochs=2), model, "fit")
     return model, qat
 
 
@@ -29,16 +29,20 @@ def effective_weight(module):
     return module.weight_fake_quantizer(module.weight)
 
 
-def test_every_layer_runs_fake_quantized_weights_with_gradients():
-    model, _ = prepared(bits=3)
+@pytest.mark.parametrize("granularity", ["per_channel", "per_kernel_position"])
+def test_every_layer_runs_fake_quantized_weights_with_gradients(tmp_path, granularity):
+    model, _ = prepared(tmp_path, bits=3, granularity=granularity)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     swapped = {name for name, m in layers.items() if isinstance(m, (FakeQuantizedConv2d, FakeQuantizedLinear))}
-    assert swapped == set(layers) - {"net.0"}  # the 1-input-channel conv stays float (see quantizable_modules)
+    # The 1-input-channel conv has one-element groups per kernel position: it stays float there.
+    assert swapped == set(layers) - ({"net.0"} if granularity == "per_kernel_position" else set())
     x = torch.randn(4, 8, 8, 8)
     conv = model.net[3]
     w = effective_weight(conv)
-    groups = w.permute(0, 2, 3, 1).reshape(-1, w.shape[1])
+    groups = w.flatten(1) if granularity == "per_channel" else w.permute(0, 2, 3, 1).reshape(-1, w.shape[1])
     assert max(len(torch.unique(g)) for g in groups) <= 8
+    if granularity == "per_kernel_position":  # 9 kernel positions, each with its own scale
+        assert len(torch.unique(w[0])) > 8
     assert not torch.equal(w, conv.weight)
     assert torch.equal(conv(x), F.conv2d(x, w, conv.bias, padding=1))
     linear = model.net[-1]
@@ -49,27 +53,27 @@ def test_every_layer_runs_fake_quantized_weights_with_gradients():
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize(
-    "config, shape, dtype",
+    "config, shape, dtype, whole_rows",
     [
-        (weight_config, (16, 3, 3, 3), torch.float32),  # conv weight: a scale per (out-channel, kh, kw)
-        (weight_config, (32, 16, 1, 1), torch.float32),
-        (weight_config, (10, 64), torch.float32),  # linear weight
-        (weight_config, (10, 64), torch.bfloat16),
-        (activation_config, (4, 16, 5, 5), torch.float32),  # conv input: a scale per pixel
-        (activation_config, (6, 32), torch.bfloat16),  # linear input under autocast
-        (activation_config, (2, 8, 3, 3), torch.float16),  # conv input under 16-mixed
+        (weight_fake_quant_config, (16, 3, 3, 3), torch.float32, False),  # conv weight: a scale per (out, kh, kw)
+        (weight_fake_quant_config, (16, 3, 3, 3), torch.float32, True),  # conv weight: a scale per out-channel
+        (weight_fake_quant_config, (32, 16, 1, 1), torch.float32, False),
+        (weight_fake_quant_config, (10, 64), torch.float32, True),  # linear weight
+        (weight_fake_quant_config, (10, 64), torch.bfloat16, True),
+        (activation_fake_quant_config, (4, 16, 5, 5), torch.float32, False),  # conv input: a scale per pixel
+        (activation_fake_quant_config, (6, 32), torch.bfloat16, False),  # linear input under autocast
+        (activation_fake_quant_config, (2, 8, 3, 3), torch.float16, False),  # conv input under 16-mixed
     ],
 )
-def test_fused_fake_quant_is_torchaos_forward_with_a_straight_through_gradient(bits, config, shape, dtype):
+def test_fused_fake_quant_is_torchaos_forward_with_a_straight_through_gradient(bits, config, shape, dtype, whole_rows):
     torch.manual_seed(bits)
-    x = (torch.randn(shape) * torch.rand(shape[0], *[1] * (len(shape) - 1)) + 0.3 * (config is activation_config)).to(
-        dtype
-    )
+    offset = 0.3 if config is activation_fake_quant_config else 0.0
+    x = (torch.randn(shape) * torch.rand(shape[0], *[1] * (len(shape) - 1)) + offset).to(dtype)
     x[0] = 0  # an all-zero group takes the eps scale
     fused, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
-    quantizer = FusedFakeQuantizer(config(bits))
+    quantizer = FusedFakeQuantizer(config(bits), whole_rows)
     out = quantizer(fused)
-    expected = ChannelGroupedFakeQuantizer(config(bits))(reference)  # torchao's IntxFakeQuantizer on rows
+    expected = TorchaoFakeQuantizer(config(bits), whole_rows)(reference)  # torchao's IntxFakeQuantizer on rows
     assert torch.equal(out, expected)
     grad = torch.randn(shape, dtype=dtype)
     out.backward(grad)
@@ -84,14 +88,14 @@ def test_fused_fake_quant_is_torchaos_forward_with_a_straight_through_gradient(b
     torch.testing.assert_close(fused.grad[interior], reference.grad[interior])  # tolerance per dtype
 
 
-def test_forward_kwargs_pass_through():
-    model, _ = prepared()
+def test_forward_kwargs_pass_through(tmp_path):
+    model, _ = prepared(tmp_path)
     x = torch.randn(2, 1, 8, 8)
     assert torch.allclose(model(x, scale=2.0), 2 * model(x))
 
 
-def test_converted_model_matches_fake_quant_model():
-    model, qat = prepared(bits=4)
+def test_converted_model_matches_fake_quant_model(tmp_path):
+    model, qat = prepared(tmp_path, bits=4)
     model.eval()
     converted = qat.convert(model)
     x = torch.randn(16, 1, 8, 8)
@@ -100,22 +104,24 @@ def test_converted_model_matches_fake_quant_model():
     assert isinstance(converted.net[3], nn.Conv2d) and not isinstance(converted.net[3], FakeQuantizedConv2d)
 
 
-def test_bad_arguments():
+def test_bad_arguments(tmp_path):
     with pytest.raises(QlightError, match="between 2 and 8"):
         QuantizationAwareTraining(weight_bits=1)
-    with pytest.raises(QlightError, match="activation_bits alone"):
+    with pytest.raises(QlightError, match="needs weight_bits"):
         QuantizationAwareTraining(weight_bits=None, activation_bits=8)
+    with pytest.raises(QlightError, match="unknown granularity 'per_row'"):
+        QuantizationAwareTraining(granularity="per_row")
     with pytest.raises(QlightError, match="past max_epochs"):
-        prepared(start_epoch=2)
+        prepared(tmp_path, start_epoch=2)
 
 
 def test_bad_baseline_checkpoints(tmp_path):
     with pytest.raises(QlightError, match="does not exist"):
-        prepared(baseline_ckpt=str(tmp_path / "missing.ckpt"))
+        prepared(tmp_path, baseline_ckpt=str(tmp_path / "missing.ckpt"))
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": DigitsNet(width=4).state_dict()}, other)
     with pytest.raises(QlightError, match="another architecture"):
-        prepared(baseline_ckpt=str(other))
+        prepared(tmp_path, baseline_ckpt=str(other))
 
 
 def test_qat_beats_ptq_at_two_bits_on_real_digits(tmp_path, digits_checkpoint):
@@ -177,7 +183,7 @@ def test_resume_mid_qat_and_test_from_a_qat_checkpoint(tmp_path, digits_checkpoi
 
 
 def test_learned_scales_train_and_convert_exactly(tmp_path, digits_checkpoint):
-    model, qat = prepared(bits=3, learned_scales=True)
+    model, qat = prepared(tmp_path, bits=3, learned_scales=True)
     conv = model.net[3]
     scale = conv.weight_fake_quantizer.scale
     assert isinstance(scale, nn.Parameter) and any(p is scale for p in model.parameters())

@@ -1,14 +1,20 @@
 import json
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from qlight import load_quantized
 from qlight.cli import main
-from qlight.quantization.reporting import read_csv
 from qlight.study import cast_outcomes, epochs_to_match, first_bits_with_gap, fit_bit_curve
+from qlight.study.report import build_report
+from qlight.tables import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,15 +61,9 @@ TINY = [
 ]
 
 
-def study(tmp_path, *extra):
-    args = [
-        "study",
-        "--config",
-        str(ROOT / "configs/study_smoke.yaml"),
-        f"--study_dir={tmp_path / 'study'}",
-        *TINY,
-        *extra,
-    ]
+def study(tmp_path, *extra, study_dir=None):
+    study_dir = study_dir or tmp_path / "study"
+    args = ["study", "--config", str(ROOT / "configs/study_smoke.yaml"), f"--study_dir={study_dir}", *TINY, *extra]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     return exit_info.value.code
@@ -93,7 +93,7 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     assert len(pngs) >= 3
     for png in pngs:
         image = matplotlib.image.imread(png)
-        assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.01  # a drawn plot, not a blank canvas
+        assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.01  # a drawn plot, not blank
     results = json.loads((root / "results.json").read_text())
     csv_rows = {r["recipe"]: float(r["acc1"]) for r in read_csv(root / "ptq" / "results.csv")}
     assert {r["recipe"]: r["acc1"] for r in results["ptq"]} == csv_rows
@@ -104,29 +104,84 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     assert {"gradient/fp16", "gradient/bf16", "activation/fp16", "activation/bf16"} <= set(numerics)
     assert numerics["gradient/fp16"]["count"] > 0
 
-    # a study killed during QAT int2: the rerun resumes from its last checkpoint and keeps its rows
-    (root / "qat_int2" / "model.pt").unlink()
+    # The report is a function of the directory: rebuilt alone, it says the same.
+    (root / "report.md").unlink()
+    build_report(root)
+    assert (root / "report.md").read_text() == report
+
+    # A half-written result is never trusted: a stage is done only by its marker, written last.
+    (root / "qat_int2" / "model.pt").write_bytes(b"")
+    marker = json.loads((root / "qat_int2" / "stage.json").read_text())
+    (root / "qat_int2" / "stage.json").write_text(json.dumps({**marker, "done": False}))
     assert study(tmp_path, "--stages=[qat, report]") == 0
     third = capsys.readouterr().out
-    assert "[study] qat_int4: skipped" in third and "[study] qat_int2: done" in third
+    assert "[study] qat_int4: skipped" in third and "[study] qat_int2: resuming" in third
     rows = read_csv(root / "qat_int2" / "results.csv")
-    assert [(r["epoch"], r["fake_quant"]) for r in rows][:2] == [("0", "on"), ("1", "on")] and rows[-1][
-        "fake_quant"
-    ] == "converted"
-    report = (root / "report.md").read_text()
+    assert [(r["epoch"], r["fake_quant"]) for r in rows] == [("0", "on"), ("1", "on"), ("2", "converted")]
+    assert load_quantized(root / "qat_int2" / "model.pt") is not None
 
-    assert study(tmp_path, "--seed=1") == 2
-    assert "holds a study made with another config" in capsys.readouterr().err
-    assert (root / "report.md").read_text() == report  # nothing was touched
+
+def test_changing_a_later_stage_keeps_the_earlier_ones_and_overwrite_touches_only_study_files(tmp_path, capsys):
+    assert study(tmp_path, "--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=1") == 0
+    root = tmp_path / "study"
+    baseline = (root / "baseline" / "baseline.ckpt").read_bytes()
+    (root / "notes.txt").write_text("mine")
+    capsys.readouterr()
+
+    # Another QAT epoch count: refused without --overwrite, and nothing is touched.
+    assert study(tmp_path, "--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=2") == 2
+    assert "qat_int4" in capsys.readouterr().err
+    # With --overwrite a folder holding a file the study did not write is still refused.
+    args = ("--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=2", "--overwrite=true")
+    assert study(tmp_path, *args) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    (root / "notes.txt").unlink()
+    assert study(tmp_path, *args) == 0
+    out = capsys.readouterr().out
+    assert "[study] baseline: skipped" in out and "[study] ptq: skipped" in out and "[study] qat_int4: done" in out
+    assert (root / "baseline" / "baseline.ckpt").read_bytes() == baseline
+    assert len(read_csv(root / "qat_int4" / "results.csv")) == 3  # two epochs and the converted row
+
+
+def test_overwrite_refuses_the_current_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ptq").mkdir()  # a stage folder the study did not mark: it would be removed
+    assert study(tmp_path, "--stages=[ptq]", "--overwrite=true", study_dir=".") == 2
+    assert "current directory" in capsys.readouterr().err
+    assert (tmp_path / "ptq").is_dir()
+
+
+def test_bad_settings_are_refused_before_any_stage_runs(tmp_path, capsys):
+    assert study(tmp_path, "--ptq.recipes=[int9]") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown quantization recipe 'int9'") and "Traceback" not in err
+    assert not (tmp_path / "study").exists()
+    assert study(tmp_path, "--qat.bits=[9]") == 2
+    assert "weight_bits must be between 2 and 8" in capsys.readouterr().err
+    assert study(tmp_path, "--trainer={max_epoch: 3}") == 2
+    assert "unknown trainer settings ['max_epoch']" in capsys.readouterr().err
+
+
+def test_a_corrupt_marker_or_a_blocked_directory_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert study(tmp_path, study_dir=tmp_path / "file" / "study") == 2
+    assert capsys.readouterr().err.startswith("error: cannot create")
+    (tmp_path / "study" / "ptq").mkdir(parents=True)
+    (tmp_path / "study" / "ptq" / "stage.json").write_text('{"fingerp')
+    assert study(tmp_path, "--stages=[ptq]") == 2
+    assert "stages made with other settings (ptq)" in capsys.readouterr().err
 
 
 def test_failed_stage_is_reported_and_exit_code_says_incomplete(tmp_path, capsys):
-    code = study(tmp_path, f"--baseline.ckpt={tmp_path / 'missing.ckpt'}", "--stages=[baseline, ptq, report]")
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    code = study(tmp_path, f"--baseline.ckpt={text}", "--stages=[baseline, ptq, report]")
     assert code == 1
     out = capsys.readouterr()
     assert "[study] baseline: FAILED" in out.out and "incomplete" in out.err
     report = (tmp_path / "study" / "report.md").read_text()
-    assert "## Stages that failed" in report and "missing.ckpt does not exist" in report
+    assert "## Stages that failed" in report and "notes.ckpt" in report
+    assert text.read_text() == "not a checkpoint"
 
 
 def test_precision_stats_counts_gradscaler_changes_on_the_device():
@@ -142,3 +197,29 @@ def test_precision_stats_counts_gradscaler_changes_on_the_device():
         stats.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, 0)
     summary = stats.summary()["scaler"]
     assert summary == {"skipped_steps": 2, "scale_decreases": 2, "scale_increases": 1, "final_scale": 16384.0}
+
+
+def test_a_study_killed_mid_qat_resumes_at_the_epoch_it_was_in(tmp_path):
+    root = tmp_path / "study"
+    args = [sys.executable, "-m", "qlight", "study", "--config", str(ROOT / "configs/study_smoke.yaml")]
+    args += [f"--study_dir={root}", *TINY, "--stages=[baseline, qat]", "--qat.bits=[4]", "--qat.epochs=3"]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    last = root / "qat_int4" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.kill()  # SIGKILL, during QAT's second epoch
+    first.wait()
+    assert last.exists(), "QAT wrote no checkpoint after its first epoch"
+    events = sorted((root / "qat_int4" / "tensorboard").glob("events.out.tfevents.*"))
+
+    rerun = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "[study] baseline: skipped" in rerun.stdout and "[study] qat_int4: resuming" in rerun.stdout
+    rows = read_csv(root / "qat_int4" / "results.csv")
+    assert [(r["epoch"], r["fake_quant"]) for r in rows] == [("0", "on"), ("1", "on"), ("2", "on"), ("3", "converted")]
+    # The rerun's own TensorBoard file starts after the first epoch: that epoch was not trained again.
+    (new,) = set((root / "qat_int4" / "tensorboard").glob("events.out.tfevents.*")) - set(events)
+    steps = [event.step for event in EventAccumulator(str(new)).Reload().Scalars("train/loss")]
+    steps_per_epoch = (256 - 64) // 32
+    assert steps and min(steps) >= steps_per_epoch, steps

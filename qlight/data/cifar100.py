@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
+import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 from torchvision.datasets import CIFAR100
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
+from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 from torchvision.transforms import v2
 
 from qlight.data.augment import normalize, random_crop_flip
@@ -56,23 +61,45 @@ def ensure_cifar100(data_dir: str | Path, download: bool = True, verify_checksum
                 f"{archive} is corrupt (MD5 mismatch); it was left in place: delete it and download "
                 f"{CIFAR100.url} again"
             )
-        extract_archive(str(archive), str(root))
+        _extract(archive, root)
         return
     where = f"put {CIFAR100.filename} (or its extracted {CIFAR100.base_folder}/ folder) in {root}/"
     if not download:
         raise QlightError(f"CIFAR-100 not found in {root} and data.download is false: {where}; {OFFLINE_HINT}")
     try:
-        download_and_extract_archive(CIFAR100.url, str(root), filename=CIFAR100.filename, md5=CIFAR100.tgz_md5)
+        download_url(CIFAR100.url, str(root), filename=CIFAR100.filename, md5=CIFAR100.tgz_md5)
     except Exception as err:  # urllib and torchvision raise many types for "no network"
         raise QlightError(
             f"CIFAR-100 could not be downloaded ({type(err).__name__}: {err}); {where}; {OFFLINE_HINT}"
         ) from None
+    _extract(archive, root)
+
+
+def _extract(archive: Path, root: Path) -> None:
+    # Into a scratch folder first, then renamed: a stopped extraction leaves no half dataset behind.
+    scratch = root / f".extracting-{os.getpid()}"
+    try:
+        extract_archive(str(archive), str(scratch))
+        os.replace(scratch / CIFAR100.base_folder, root / CIFAR100.base_folder)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise QlightError(
+            f"{archive} cannot be extracted ({type(err).__name__}); it was left in place: delete it and "
+            f"download {CIFAR100.url} again"
+        ) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_cifar100(data_dir: str | Path, train: bool, verify_checksums: bool = True) -> tuple[Tensor, Tensor]:
     """One split through torchvision's reader, as ``(uint8 (N, 3, 32, 32), int64 (N,))``."""
     reader = _reader(verify_checksums)
-    dataset = reader(str(data_dir), train=train, download=False)
+    try:
+        dataset = reader(str(data_dir), train=train, download=False)
+    except (pickle.UnpicklingError, EOFError, OSError, KeyError, ValueError) as err:
+        folder = Path(data_dir) / CIFAR100.base_folder
+        raise QlightError(
+            f"{folder} cannot be read as CIFAR-100 ({type(err).__name__}): delete it and extract the archive again"
+        ) from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(dataset.targets, dtype=torch.long)
 

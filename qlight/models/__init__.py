@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from qlight.errors import QlightError
 from qlight.models.vgg import VGG, vgg11_bn, vgg13_bn, vgg16_bn
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -16,9 +17,9 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_backbone(name: str, num_classes: int) -> nn.Module:
-    """Build a registered backbone; raises ``ValueError`` naming the valid choices."""
+    """Build a registered backbone; raises :class:`QlightError` naming the valid choices."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        raise QlightError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name](num_classes=num_classes)
 
 

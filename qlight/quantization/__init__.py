@@ -3,28 +3,32 @@
 import logging
 
 # torchao 0.18 registers an Enum that newer torch handles natively; torch logs a deprecation line
-# on every import that users can do nothing about.
+# on every import that users can do nothing about. Set before torchao is first imported below.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from qlight.quantization.fake_quant import FakeQuantizedConv2d
-from qlight.quantization.ptq import PostTrainingQuantization
-from qlight.quantization.qat import QuantizationAwareTraining
-from qlight.quantization.recipes import (
+from qlight.quantization.fake_quant import FakeQuantizedConv2d  # noqa: E402
+from qlight.quantization.intx import GRANULARITIES  # noqa: E402
+from qlight.quantization.ptq import PostTrainingQuantization  # noqa: E402
+from qlight.quantization.qat import QuantizationAwareTraining  # noqa: E402
+from qlight.quantization.recipes import (  # noqa: E402
     FloatCast,
     IntxWeightOnly,
+    Recipe,
     StaticPT2E,
     parse_recipe,
     quantizable_modules,
     valid_recipe_names,
 )
-from qlight.quantization.serialization import load_quantized, pack_bits, unpack_bits
+from qlight.quantization.serialization import load_quantized, pack_bits, unpack_bits  # noqa: E402
 
 __all__ = [
+    "GRANULARITIES",
     "FakeQuantizedConv2d",
     "FloatCast",
     "IntxWeightOnly",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
+    "Recipe",
     "StaticPT2E",
     "load_quantized",
     "pack_bits",

@@ -2,10 +2,10 @@
 
 torchao's QAT swaps only ``nn.Linear`` (``FakeQuantizedLinear``); it has no fake-quantized conv.
 :class:`FakeQuantizedConv2d` fills that gap with torchao's ``IntxFakeQuantizer`` semantics, grouping
-conv weights exactly as ``IntxWeightOnlyConfig(granularity=PerAxis(0))`` does (one scale per output
-channel and kernel position), so converting after training reproduces the trained numerics.
+conv weights as qlight's weight-only recipes do (``per_channel`` or ``per_kernel_position``, see
+:mod:`qlight.quantization.intx`), so converting after training reproduces the trained numerics.
 Per-step scales go through :class:`FusedFakeQuantizer` (torchao's forward in one autograd node);
-learned scales use torchao's quantizer itself.
+learned scales use torchao's quantizer itself (:class:`TorchaoFakeQuantizer`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from torchao.quantization.granularity import PerToken
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig, IntxFakeQuantizer
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, quantize_affine
 
-from qlight.quantization.recipes import int_dtype
+from qlight.quantization.intx import Granularity, block_size, int_dtype
 
 
-def weight_config(bits: int, learned_scales: bool = False) -> IntxFakeQuantizeConfig:
-    """Symmetric per-output-channel weights, the QAT twin of :class:`~qlight.quantization.IntxWeightOnly`.
+def weight_fake_quant_config(bits: int, learned_scales: bool = False) -> IntxFakeQuantizeConfig:
+    """Symmetric weights, the QAT twin of :class:`~qlight.quantization.IntxWeightOnly`.
 
     Scales follow the weights' max every step, or with ``learned_scales`` start there and are
     trained (LSQ-style; torchao's ``range_learning``).
@@ -30,33 +30,44 @@ def weight_config(bits: int, learned_scales: bool = False) -> IntxFakeQuantizeCo
     )
 
 
-def activation_config(bits: int) -> IntxFakeQuantizeConfig:
+def activation_fake_quant_config(bits: int) -> IntxFakeQuantizeConfig:
     """Dynamic asymmetric per-token activations (per pixel across channels on conv inputs)."""
     return IntxFakeQuantizeConfig(int_dtype(bits), "per_token", is_symmetric=False, is_dynamic=True)
 
 
-def _rows(x: Tensor) -> Tensor:
-    # torchao groups along the last dim of a 2-D tensor: move channels there, one row per
-    # (out-channel or image, kh or h, kw or w).
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
+def _to_rows(x: Tensor, whole_rows: bool) -> Tensor:
+    # torchao groups along the last dim of a 2-D tensor: one row per group.
+    if x.dim() != 4:
+        return x
+    return x.flatten(1) if whole_rows else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
-def _unrows(rows: Tensor, shape: torch.Size) -> Tensor:
+def _from_rows(rows: Tensor, shape: torch.Size, whole_rows: bool) -> Tensor:
     if len(shape) != 4:
         return rows
+    if whole_rows:
+        return rows.reshape(shape)
     n, c, h, w = shape
     return rows.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
-class ChannelGroupedFakeQuantizer(IntxFakeQuantizer):
-    """torchao's ``IntxFakeQuantizer`` on 2-D or 4-D tensors, grouped over dim 1 (channels): one
-    scale per (out-channel, kh, kw) of a conv weight. Used for learned scales, which
-    :class:`FusedFakeQuantizer` does not cover."""
+class TorchaoFakeQuantizer(IntxFakeQuantizer):
+    """torchao's ``IntxFakeQuantizer`` on 2-D or 4-D tensors, grouped over dim 1 (one scale per
+    (out-channel, kh, kw) of a conv weight, per pixel of a conv input) or, with ``whole_rows``, over
+    every dim but the first (one scale per output channel). qlight uses it for learned scales,
+    which :class:`FusedFakeQuantizer` does not cover, and keeps them positive."""
+
+    def __init__(self, config: IntxFakeQuantizeConfig, whole_rows: bool = False) -> None:
+        super().__init__(config)
+        self.whole_rows = whole_rows
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        return _unrows(super().forward(_rows(x)), x.shape)
+        if self.config.range_learning and isinstance(self.scale, nn.Parameter):
+            with torch.no_grad():  # an optimizer step can push a learned scale through zero
+                self.scale.clamp_(min=torch.finfo(self.scale.dtype).eps)
+        return _from_rows(super().forward(_to_rows(x, self.whole_rows)), x.shape, self.whole_rows)
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -65,7 +76,16 @@ class _FakeQuantize(torch.autograd.Function):
     # dim in place: torchao's version records about 170 autograd/ATen events per call plus, on conv
     # inputs, two permuted copies, which on a GPU leaves the QAT step bound by the host.
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int, qmin: int, qmax: int, symmetric: bool, eps: float, scale_dtype: torch.dtype):
+    def forward(
+        ctx,
+        x: Tensor,
+        dim: int | tuple[int, ...],
+        qmin: int,
+        qmax: int,
+        symmetric: bool,
+        eps: float,
+        scale_dtype: torch.dtype,
+    ):
         if symmetric:
             scale = x.abs().amax(dim, keepdim=True).div_(float(qmax - qmin) / 2).clamp_(min=eps).to(scale_dtype)
             zero_point = 0
@@ -91,20 +111,19 @@ class _FakeQuantize(torch.autograd.Function):
 
 
 class FusedFakeQuantizer(IntxFakeQuantizer):
-    """torchao's ``IntxFakeQuantizer`` forward, bit for bit, at a fraction of its host cost, for
-    dynamic scales: symmetric per-channel weights and asymmetric per-token activations.
+    """:class:`TorchaoFakeQuantizer`'s forward, bit for bit, at a fraction of its host cost, for
+    dynamic scales: symmetric weights and asymmetric per-token activations.
 
-    Groups over channels in place: one scale per (out-channel, kh, kw) of a conv weight, as
-    ``IntxWeightOnlyConfig(granularity=PerAxis(0))`` does, per pixel of a conv input, per row of a
-    Linear weight or input. Gradients pass straight through where the rounded code lies within
-    [qmin, qmax], as in PyTorch's fused fake-quant ops.
+    Groups in place, as :class:`TorchaoFakeQuantizer` does on rows. Gradients pass straight through
+    where the rounded code lies within [qmin, qmax], as in PyTorch's fused fake-quant ops.
     """
 
-    def __init__(self, config: IntxFakeQuantizeConfig) -> None:
+    def __init__(self, config: IntxFakeQuantizeConfig, whole_rows: bool = False) -> None:
         per_token = isinstance(config.granularity, PerToken)
         if config.range_learning or not config.is_dynamic or per_token == config.is_symmetric:
             raise ValueError("FusedFakeQuantizer takes dynamic symmetric per-channel or asymmetric per-token configs")
         super().__init__(config)
+        self.whole_rows = whole_rows
         self.qmin, self.qmax = _DTYPE_TO_QVALUE_BOUNDS[config.dtype]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -112,31 +131,38 @@ class FusedFakeQuantizer(IntxFakeQuantizer):
             return x
         config = self.config
         eps = config.eps if config.eps is not None else torch.finfo(x.dtype).smallest_normal
-        dim = 1 if x.dim() == 4 else -1
+        if x.dim() == 4:
+            dim: int | tuple[int, ...] = (1, 2, 3) if self.whole_rows else 1
+        else:
+            dim = -1
         out, self.scale, self.zero_point = _FakeQuantize.apply(
             x, dim, self.qmin, self.qmax, config.is_symmetric, eps, config.scale_precision
         )
         return out
 
 
-def fake_quantizer(config: IntxFakeQuantizeConfig) -> IntxFakeQuantizer:
+def fake_quantizer(config: IntxFakeQuantizeConfig, whole_rows: bool = False) -> IntxFakeQuantizer:
     """The fused quantizer for per-step scales, torchao's own for learned ones."""
-    return ChannelGroupedFakeQuantizer(config) if config.range_learning else FusedFakeQuantizer(config)
+    if config.range_learning:
+        return TorchaoFakeQuantizer(config, whole_rows)
+    return FusedFakeQuantizer(config, whole_rows)
 
 
 class FakeQuantizedConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose weight (and optionally input) is fake-quantized in forward, with
-    straight-through gradients to the float weight. Its state dict equals the conv's."""
+    straight-through gradients to the float weight. Its state dict equals the conv's (plus the
+    scales, when they are learned)."""
 
     def __init__(
         self,
         *args,
         weight_config: IntxFakeQuantizeConfig,
         activation_config: IntxFakeQuantizeConfig | None = None,
+        granularity: Granularity = "per_channel",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.weight_fake_quantizer = fake_quantizer(weight_config)
+        self.weight_fake_quantizer = fake_quantizer(weight_config, whole_rows=granularity == "per_channel")
         self.activation_fake_quantizer = fake_quantizer(activation_config) if activation_config else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -150,6 +176,7 @@ class FakeQuantizedConv2d(nn.Conv2d):
         conv: nn.Conv2d,
         weight_config: IntxFakeQuantizeConfig,
         activation_config: IntxFakeQuantizeConfig | None = None,
+        granularity: Granularity = "per_channel",
     ) -> FakeQuantizedConv2d:
         new = cls(
             conv.in_channels,
@@ -164,6 +191,7 @@ class FakeQuantizedConv2d(nn.Conv2d):
             device="meta",
             weight_config=weight_config,
             activation_config=activation_config,
+            granularity=granularity,
         )
         new.weight, new.bias = conv.weight, conv.bias  # share the parameters: optimizers keep working
         return new
@@ -193,6 +221,7 @@ def insert_fake_quant(
     targets: list[str],
     weight: IntxFakeQuantizeConfig,
     activation: IntxFakeQuantizeConfig | None = None,
+    granularity: Granularity = "per_channel",
 ) -> None:
     """Swap the named Conv2d/Linear modules of ``model`` for fake-quantized ones, in place."""
     for name in targets:
@@ -200,10 +229,10 @@ def insert_fake_quant(
         if isinstance(module, FAKE_QUANTIZED):
             continue
         if isinstance(module, nn.Conv2d):
-            swapped: nn.Module = FakeQuantizedConv2d.from_conv(module, weight, activation)
+            swapped: nn.Module = FakeQuantizedConv2d.from_conv(module, weight, activation, granularity)
         else:
             swapped = FakeQuantizedLinear.from_linear(module, activation_config=activation, weight_config=weight)
-            swapped.weight_fake_quantizer = fake_quantizer(weight)
+            swapped.weight_fake_quantizer = fake_quantizer(weight, whole_rows=True)
             if activation is not None:
                 swapped.activation_fake_quantizer = fake_quantizer(activation)
         parent, _, leaf = name.rpartition(".")
@@ -223,14 +252,14 @@ def remove_fake_quant(model: nn.Module) -> list[str]:
 
 def weight_qparams(module: nn.Module) -> tuple[Tensor, Tensor]:
     """The integer codes (in the weight's layout) and scales (in torchao's ``IntxUnpackedToInt8Tensor``
-    layout: (O, 1) or (O, 1, kh, kw)) that a fake-quantized module's forward uses for its weight."""
+    layout: one per block, same rank as the weight) that a fake-quantized module's forward uses."""
     quantizer = module.weight_fake_quantizer
     weight = module.weight.detach()
     with torch.no_grad():
         quantizer(weight)  # refreshes per-step scales; learned ones stay as trained
-    # Scales come as (O, 1, [kh, kw]) from the fused quantizer, as (O*kh*kw, 1) rows from torchao's.
-    scale = quantizer.scale.detach().reshape(weight.shape[0], 1, *weight.shape[2:])
-    block = (1, weight.shape[1], *[1] * (weight.dim() - 2))
+    block = block_size(weight.shape, "per_channel" if quantizer.whole_rows else "per_kernel_position")
+    # Scales come in block layout from the fused quantizer, as one row per block from torchao's.
+    scale = quantizer.scale.detach().reshape([size // b for size, b in zip(weight.shape, block, strict=True)])
     qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[quantizer.config.dtype]
     codes = quantize_affine(weight, block, scale, torch.zeros_like(scale, dtype=torch.int32), torch.int8, qmin, qmax)
     return codes, scale

@@ -2,32 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from qlight.errors import QlightError
-from qlight.quantization.evaluation import (
+from qlight.files import atomic_write_bytes, exclusive_dir
+from qlight.quantization.intx import Granularity
+from qlight.quantization.lightning_plumbing import (
     dataloader,
-    detached_copy,
+    eval_copy,
     evaluate,
+    example_input,
     load_checkpoint_weights,
+    log_to_loggers,
+    non_finite_tensors,
+    output_dir,
     transferred_batches,
 )
-from qlight.quantization.recipes import FloatCast, Recipe, parse_recipe, quantizable_modules, quantized_weight_sizes
-from qlight.quantization.reporting import log_to_loggers, markdown_table, output_dir, write_csv
+from qlight.quantization.recipes import (
+    DEFAULT_GRANULARITY,
+    FloatCast,
+    Recipe,
+    check_granularity,
+    parse_recipe,
+    quantizable_modules,
+    quantized_weight_sizes,
+)
 from qlight.quantization.serialization import quantized_bytes
+from qlight.tables import markdown_table, write_results
 
 COLUMNS = [
     "recipe",
     "bits",
+    "granularity",
+    "method",
     "acc1",
     "acc5",
     "delta_acc1",
@@ -48,24 +68,52 @@ class PostTrainingQuantization(Callback):
     are ``(inputs, targets)``. For every recipe it writes ``<output_dir>/<recipe>.pt`` (``.pt2`` for
     static recipes; load either with :func:`qlight.load_quantized`), logs ``ptq/<recipe>/acc1``,
     ``acc5`` and ``size_mib``, and writes ``results.csv`` and ``results.md``. ``fp32`` (the
-    unquantized copy) is always evaluated first as the reference for ``delta_acc1``.
+    unquantized copy) is always evaluated first as the reference for ``delta_acc1``. A recipe that
+    fails (or gives NaN/Inf logits) records its error in its row and the others go on.
 
     Args:
         recipes: names from :func:`qlight.quantization.valid_recipe_names`: ``fp32``, ``fp16``,
-            ``bf16``, ``int2``..``int8`` (weight-only), ``int8_static``, ``w4a8_static``.
+            ``bf16``, ``int2``..``int8`` (weight-only), ``int8_static``, ``w4a8_static``. A weight-only
+            name may end in ``@per_channel`` or ``@per_kernel_position``.
+        granularity: which weights share a scale in weight-only recipes without a suffix:
+            ``per_channel`` (one scale per output channel; over in x kh x kw on a conv) or
+            ``per_kernel_position`` (one per output channel and kernel position); a list runs each.
         run_on: ``fit`` quantizes the best checkpoint's weights when fitting ends (the last weights
             without a checkpoint callback); ``test`` quantizes the tested weights after ``test``.
         keep_first: leave the first Conv2d/Linear in float.
         keep_last: leave the last Conv2d/Linear (usually the classifier head) in float.
         calibration_batches: training batches that calibrate static recipes' activation ranges.
         eval_batches: limit the test batches per recipe (``None``: all).
-        output_dir: where files go; default ``<log_dir>/ptq``.
+        output_dir: where files go; default ``<log_dir>/ptq``. One run at a time writes into it.
         save_models: write each quantized model to disk (its size is measured either way).
+
+    Raises:
+        QlightError: for unknown recipes or bad arguments, when the weights hold NaN or Inf, and
+            when another run is writing into ``output_dir``.
+
+    Example::
+
+        >>> from pathlib import Path
+        >>> from lightning.pytorch import Trainer
+        >>> from torch import nn
+        >>> from qlight import CIFAR100DataModule, ImageClassifier, PostTrainingQuantization
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(512, 100))
+        >>> data = CIFAR100DataModule(
+        ...     batch_size=32, synthetic=True, synthetic_train_size=192, synthetic_test_size=64, val_size=64
+        ... )
+        >>> ptq = PostTrainingQuantization(recipes=["int8", "int4"])
+        >>> trainer = Trainer(max_epochs=1, callbacks=[ptq], logger=False, enable_progress_bar=False)
+        >>> trainer.fit(ImageClassifier(net), data)
+        >>> [(row["recipe"], row["bits"], row["quantized_modules"]) for row in ptq.results]
+        [('fp32', 32, 0), ('int8', 8, 2), ('int4', 4, 2)]
+        >>> sorted(path.name for path in Path("ptq").iterdir())
+        ['fp32.pt', 'int4.pt', 'int8.pt', 'results.csv', 'results.md']
     """
 
     def __init__(
         self,
         recipes: Sequence[str] = ("fp32", "fp16", "bf16", "int8", "int4"),
+        granularity: Granularity | Sequence[Granularity] = DEFAULT_GRANULARITY,
         run_on: Sequence[Literal["fit", "test"]] = ("fit", "test"),
         keep_first: bool = False,
         keep_last: bool = False,
@@ -74,20 +122,8 @@ class PostTrainingQuantization(Callback):
         output_dir: str | None = None,
         save_models: bool = True,
     ) -> None:
-        parsed = [parse_recipe(name) for name in recipes]
-        if not parsed:
-            raise QlightError("PostTrainingQuantization needs at least one recipe")
-        if set(run_on) - {"fit", "test"}:
-            raise QlightError(f"run_on takes 'fit' and/or 'test', got {list(run_on)}")
-        if calibration_batches < 0:
-            raise QlightError(f"calibration_batches must be 0 or more, got {calibration_batches}")
-        static = [r.name for r in parsed if r.static]
-        if static and calibration_batches == 0:
-            raise QlightError(f"{', '.join(static)} need calibration: set calibration_batches to 1 or more")
-        if eval_batches is not None and eval_batches < 1:
-            raise QlightError(f"eval_batches must be at least 1 (or None for all), got {eval_batches}")
-        names = [r.name for r in parsed]
-        self.recipes: list[Recipe] = [parse_recipe("fp32")] * ("fp32" not in names) + parsed
+        parsed = self._validate(recipes, granularity, run_on, calibration_batches, eval_batches)
+        self.recipes: list[Recipe] = parsed
         self.run_on = set(run_on)
         self.keep_first = keep_first
         self.keep_last = keep_last
@@ -97,66 +133,75 @@ class PostTrainingQuantization(Callback):
         self.save_models = save_models
         self.results: list[dict[str, Any]] = []  # rows of the last run, as written to results.csv
 
+    @staticmethod
+    def _validate(
+        recipes: Sequence[str],
+        granularity: str | Sequence[str],
+        run_on: Sequence[str],
+        calibration_batches: int,
+        eval_batches: int | None,
+    ) -> list[Recipe]:
+        """Check every argument; returns the recipes to run, ``fp32`` first."""
+        if isinstance(recipes, str) or not recipes:
+            raise QlightError("PostTrainingQuantization needs a list of at least one recipe")
+        granularities = [granularity] if isinstance(granularity, str) else list(granularity)
+        if not granularities:
+            raise QlightError("granularity needs at least one value")
+        parsed = [parse_recipe("fp32")]
+        for name in recipes:
+            for choice in granularities:
+                recipe = parse_recipe(name, check_granularity(choice))
+                if recipe.name not in [r.name for r in parsed]:
+                    parsed.append(recipe)
+        if set(run_on) - {"fit", "test"}:
+            raise QlightError(f"run_on takes 'fit' and/or 'test', got {list(run_on)}")
+        if calibration_batches < 0:
+            raise QlightError(f"calibration_batches must be 0 or more, got {calibration_batches}")
+        calibrated = [r.name for r in parsed if r.calibrated]
+        if calibrated and calibration_batches == 0:
+            raise QlightError(f"{', '.join(calibrated)} need calibration: set calibration_batches to 1 or more")
+        if eval_batches is not None and eval_batches < 1:
+            raise QlightError(f"eval_batches must be at least 1 (or None for all), got {eval_batches}")
+        return parsed
+
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "fit" in self.run_on:
-            self.run(trainer, pl_module, checkpoint=getattr(trainer.checkpoint_callback, "best_model_path", "") or None)
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+            self.run(trainer, pl_module, checkpoint=best or None)
 
+    @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "test" in self.run_on:
             self.run(trainer, pl_module)
 
     def run(self, trainer: Trainer, pl_module: LightningModule, checkpoint: str | None = None) -> list[dict[str, Any]]:
         """Quantize, evaluate and save every recipe; returns the table's rows."""
-        source = detached_copy(pl_module)
+        source = eval_copy(pl_module)
         if checkpoint:
             load_checkpoint_weights(source, checkpoint)
             rank_zero_info(f"PTQ: weights of {checkpoint}")
+        bad = non_finite_tensors(source)
+        if bad:
+            where = checkpoint or f"the {type(pl_module).__name__}"
+            raise QlightError(f"PTQ: {where} holds NaN or Inf in {', '.join(bad[:3])}: nothing to quantize")
         targets = quantizable_modules(source, self.keep_first, self.keep_last)
         if not targets:
             rank_zero_warn(f"PTQ: {type(pl_module).__name__} has no Conv2d or Linear module: nothing is quantized")
-        out = output_dir(trainer, self.output_dir, "ptq")
-        test_loader = dataloader(trainer, pl_module, "test")
-        calibration: list[torch.Tensor] = []
-        if any(r.static for r in self.recipes):
-            train_loader = dataloader(trainer, pl_module, "train")
+        calibration = []
+        if any(recipe.calibrated for recipe in self.recipes):
+            loader = dataloader(trainer, pl_module, "train")
             calibration = [
-                x.cpu() for x, _ in transferred_batches(trainer, pl_module, train_loader, self.calibration_batches)
+                x.cpu() for x, _ in transferred_batches(trainer, pl_module, loader, self.calibration_batches)
             ]
-        example = next(iter(transferred_batches(trainer, pl_module, test_loader, 1)))[0]
-
-        rows: list[dict[str, Any]] = []
-        for recipe in self.recipes:
-            start = time.perf_counter()
-            row: dict[str, Any] = {"recipe": recipe.name, "bits": recipe.bits}
-            try:
-                device = torch.device("cpu") if recipe.static else pl_module.device
-                model = recipe.quantize(copy.deepcopy(source).to(device).eval(), set(targets), calibration)
-                batches = (
-                    (x.to(device), y.to(device))
-                    for x, y in transferred_batches(trainer, pl_module, test_loader, self.eval_batches, shard=True)
-                )
-                accuracy = evaluate(model, batches, trainer, recipe.input_dtype)
-                payload = quantized_bytes(model, recipe.name, targets, source, example.to(device))
-                if self.save_models and trainer.is_global_zero:
-                    out.mkdir(parents=True, exist_ok=True)
-                    (out / f"{recipe.name}{'.pt2' if recipe.static else '.pt'}").write_bytes(payload)
-                row.update(
-                    acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload), **_quantized_counts(model, recipe)
-                )
-            except QlightError:
-                raise
-            except Exception as err:  # one failing recipe must not lose the others
-                rank_zero_warn(f"PTQ {recipe.name} failed: {type(err).__name__}: {err}")
-                row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
-                rank_zero_info(traceback.format_exc())
-            row["seconds"] = round(time.perf_counter() - start, 2)
-            rows.append(row)
-        self.results = _finish_table(rows)
-        table = markdown_table(self.results, COLUMNS)
-        if trainer.is_global_zero:
-            write_csv(self.results, out / "results.csv", COLUMNS)
-            (out / "results.md").write_text(f"# Post-training quantization\n\n{table}")
-            rank_zero_info(f"PTQ results ({out / 'results.csv'}):\n{table}")
+        out = output_dir(trainer, self.output_dir, "ptq")
+        inputs = _RunInputs(source, targets, calibration, example_input(trainer, pl_module), out)
+        with exclusive_dir(out, "PostTrainingQuantization") if trainer.is_global_zero else contextlib.nullcontext():
+            self.results = _finish_table([self._run_recipe(trainer, pl_module, r, inputs) for r in self.recipes])
+            table = markdown_table(self.results, COLUMNS)
+            if trainer.is_global_zero:
+                write_results(out, "Post-training quantization", self.results, COLUMNS)
+                rank_zero_info(f"PTQ results ({out / 'results.csv'}):\n{table}")
         metrics = {
             f"ptq/{row['recipe']}/{key}": float(row[key])
             for row in self.results
@@ -167,12 +212,55 @@ class PostTrainingQuantization(Callback):
         trainer.strategy.barrier("qlight_ptq")
         return self.results
 
+    def _run_recipe(
+        self, trainer: Trainer, pl_module: LightningModule, recipe: Recipe, inputs: _RunInputs
+    ) -> dict[str, Any]:
+        start = time.perf_counter()
+        row: dict[str, Any] = {
+            "recipe": recipe.name,
+            "bits": recipe.bits,
+            "granularity": recipe.granularity,
+            "method": recipe.method,
+        }
+        try:
+            device = torch.device("cpu") if recipe.static else pl_module.device
+            model = copy.deepcopy(inputs.source).to(device).eval()
+            model = recipe.quantize(model, inputs.targets, [x.to(device) for x in inputs.calibration])
+            loader = dataloader(trainer, pl_module, "test")
+            batches = transferred_batches(trainer, pl_module, loader, self.eval_batches, shard=True)
+            accuracy = evaluate(model, ((x.to(device), y.to(device)) for x, y in batches), trainer, recipe.input_dtype)
+            payload = quantized_bytes(model, recipe, inputs.targets, inputs.source, inputs.example.to(device))
+            if self.save_models and trainer.is_global_zero:
+                atomic_write_bytes(inputs.out / f"{recipe.name}{'.pt2' if recipe.static else '.pt'}", payload)
+            row.update(
+                acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload), **_quantized_counts(model, recipe)
+            )
+        except QlightError:
+            raise
+        except Exception as err:  # one failing recipe must not lose the others
+            rank_zero_warn(f"PTQ {recipe.name} failed: {type(err).__name__}: {err}")
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+            rank_zero_info(traceback.format_exc())
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        return row
+
+
+@dataclass(frozen=True)
+class _RunInputs:
+    """What every recipe of one run starts from."""
+
+    source: nn.Module  # the float model, eval mode
+    targets: list[str]
+    calibration: list[torch.Tensor]  # input batches, on the CPU
+    example: torch.Tensor  # one test batch, to export static graphs
+    out: Path
+
 
 def _quantized_counts(model: nn.Module, recipe: Recipe) -> dict[str, int]:
     # Counted on the quantized model itself, so the table shows what was done, not what was asked.
     if isinstance(recipe, FloatCast):
-        cast = recipe.dtype != torch.float32
-        return {"quantized_modules": 0, "quantized_params": sum(p.numel() for p in model.parameters()) * cast}
+        cast = 0 if recipe.dtype == torch.float32 else sum(p.numel() for p in model.parameters())
+        return {"quantized_modules": 0, "quantized_params": cast}
     weights = quantized_weight_sizes(model)
     return {"quantized_modules": len(weights), "quantized_params": sum(weights)}
 

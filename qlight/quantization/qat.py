@@ -2,41 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 from qlight.errors import QlightError
-from qlight.quantization.evaluation import (
-    dataloader,
-    detached_copy,
-    evaluate,
-    load_checkpoint_weights,
-    transferred_batches,
-)
+from qlight.files import atomic_write_bytes, exclusive_dir
 from qlight.quantization.fake_quant import (
     FAKE_QUANTIZED,
-    activation_config,
+    activation_fake_quant_config,
     init_learned_scales,
     insert_fake_quant,
     remove_fake_quant,
     set_fake_quant_enabled,
-    weight_config,
+    weight_fake_quant_config,
     weight_qparams,
 )
-from qlight.quantization.recipes import MAX_BITS, MIN_BITS, IntxWeightOnly, quantizable_modules
-from qlight.quantization.reporting import log_to_loggers, markdown_table, output_dir, write_csv
+from qlight.quantization.intx import MAX_BITS, MIN_BITS, Granularity, groupable, intx_from_codes, set_weight
+from qlight.quantization.lightning_plumbing import (
+    dataloader,
+    eval_copy,
+    evaluate,
+    example_input,
+    load_checkpoint_weights,
+    log_to_loggers,
+    non_finite_tensors,
+    output_dir,
+    transferred_batches,
+)
+from qlight.quantization.recipes import IntxWeightOnly, check_granularity, quantizable_modules
 from qlight.quantization.serialization import quantized_bytes
+from qlight.tables import write_results
 
 COLUMNS = ["epoch", "split", "fake_quant", "acc1", "acc5", "seconds"]
+_SETTINGS_BEFORE_0_2 = {"granularity": "per_kernel_position"}  # checkpoints of qlight 0.1 lack the key
 
 
-def _check_bits(name: str, bits: int | None) -> None:
-    if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
-        raise QlightError(f"{name} must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+def _check_scales(learned_scales: bool, module: nn.Module, state_dict: dict[str, Any], *args: Any) -> None:
+    # A load_state_dict pre-hook: a checkpoint trained with the other learned_scales setting would
+    # otherwise surface as a missing/unexpected-keys traceback.
+    learned = any(key.endswith("weight_fake_quantizer.scale") for key in state_dict)
+    if learned != learned_scales:
+        raise QlightError(
+            f"the checkpoint was trained with QAT learned_scales={learned}, this callback has "
+            f"learned_scales={learned_scales}: use the same setting to resume or test it"
+        )
 
 
 class QuantizationAwareTraining(Callback):
@@ -48,11 +65,14 @@ class QuantizationAwareTraining(Callback):
     ``trainer.test(ckpt_path=...)`` work unchanged (with this callback present). Fake-quant is on
     from ``start_epoch``. After every training epoch the fake-quantized model is evaluated on the
     validation set (``qat/acc1``, ``qat/acc5``, ``<output_dir>/results.csv``). When fitting ends a
-    copy is converted with ``IntxWeightOnlyConfig`` (same bits and grouping), evaluated on the test
-    set and saved to ``<output_dir>/model.pt`` (load with :func:`qlight.load_quantized`).
+    copy is converted to the codes and scales the fake-quant forward uses (the recipe
+    ``int<weight_bits>``), evaluated on the test set and saved to ``<output_dir>/model.pt`` (load
+    with :func:`qlight.load_quantized`).
 
     Args:
-        weight_bits: weight bit-width, 2..8 (symmetric, per output channel).
+        weight_bits: weight bit-width, 2..8 (symmetric).
+        granularity: which weights share a scale, as in :class:`~qlight.PostTrainingQuantization`:
+            ``per_channel`` (one per output channel) or ``per_kernel_position``.
         activation_bits: optional dynamic per-token activation fake-quant, 2..8. Training only:
             the converted model keeps float activations.
         learned_scales: train the weight scales (LSQ-style, torchao's ``range_learning``), starting
@@ -62,16 +82,39 @@ class QuantizationAwareTraining(Callback):
         keep_first: leave the first Conv2d/Linear in float.
         keep_last: leave the last Conv2d/Linear in float.
         baseline_ckpt: a Lightning checkpoint whose weights start the QAT fit (default: the model's
-            own weights, e.g. from scratch).
+            own weights, e.g. from scratch). Read with ``weights_only``.
         eval_every_epoch: evaluate the fake-quantized model after each training epoch.
         eval_split: the split evaluated each epoch, ``val`` (default) or ``test`` (to compare with
             PTQ, which reports test accuracy).
         output_dir: where files go; default ``<log_dir>/qat``.
+
+    Raises:
+        QlightError: for arguments out of range, when the module has nothing to quantize or holds
+            non-finite weights, and when a checkpoint was trained with other QAT settings.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from torch import nn
+        >>> from qlight import CIFAR100DataModule, ImageClassifier, QuantizationAwareTraining, load_quantized
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(512, 100))
+        >>> data = CIFAR100DataModule(
+        ...     batch_size=32, synthetic=True, synthetic_train_size=192, synthetic_test_size=64, val_size=64
+        ... )
+        >>> qat = QuantizationAwareTraining(weight_bits=4)
+        >>> trainer = Trainer(max_epochs=2, callbacks=[qat], logger=False, enable_progress_bar=False)
+        >>> trainer.fit(ImageClassifier(net, lr=0.01), data)
+        >>> [row["fake_quant"] for row in qat.results]
+        ['on', 'on', 'converted']
+        >>> int4 = load_quantized("qat/model.pt", model=ImageClassifier(net))
+        >>> int4.model[0].weight.qdata.unique().numel() <= 16
+        True
     """
 
     def __init__(
         self,
-        weight_bits: int | None = 4,
+        weight_bits: int = 4,
+        granularity: Granularity = "per_channel",
         activation_bits: int | None = None,
         learned_scales: bool = False,
         start_epoch: int = 0,
@@ -83,18 +126,9 @@ class QuantizationAwareTraining(Callback):
         eval_split: Literal["val", "test"] = "val",
         output_dir: str | None = None,
     ) -> None:
-        if weight_bits is None:
-            raise QlightError(
-                "QAT needs weight_bits (2..8)"
-                + (": activation_bits alone are not supported" if activation_bits else "")
-            )
-        _check_bits("weight_bits", weight_bits)
-        _check_bits("activation_bits", activation_bits)
-        if start_epoch < 0:
-            raise QlightError(f"start_epoch must be 0 or more, got {start_epoch}")
-        if freeze_bn_epoch is not None and freeze_bn_epoch < 0:
-            raise QlightError(f"freeze_bn_epoch must be 0 or more, got {freeze_bn_epoch}")
+        self._validate(weight_bits, granularity, activation_bits, start_epoch, freeze_bn_epoch, eval_split)
         self.weight_bits = weight_bits
+        self.granularity = granularity
         self.activation_bits = activation_bits
         self.learned_scales = learned_scales
         self.start_epoch = start_epoch
@@ -102,35 +136,79 @@ class QuantizationAwareTraining(Callback):
         self.keep_first = keep_first
         self.keep_last = keep_last
         self.baseline_ckpt = baseline_ckpt
-        if eval_split not in ("val", "test"):
-            raise QlightError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
         self.eval_every_epoch = eval_every_epoch
         self.eval_split = eval_split
         self.output_dir = output_dir
         self.results: list[dict[str, Any]] = []  # rows of results.csv, restored with checkpoints
+        self._writing = contextlib.ExitStack()  # the output folder's lock and the checkpoint hook, until teardown
+
+    @staticmethod
+    def _validate(
+        weight_bits: int,
+        granularity: str,
+        activation_bits: int | None,
+        start_epoch: int,
+        freeze_bn_epoch: int | None,
+        eval_split: str,
+    ) -> None:
+        for name, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
+            if bits is not None and not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
+                raise QlightError(f"{name} must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+        if weight_bits is None:
+            raise QlightError(f"QAT needs weight_bits ({MIN_BITS}..{MAX_BITS})")
+        check_granularity(granularity)
+        if start_epoch < 0:
+            raise QlightError(f"start_epoch must be 0 or more, got {start_epoch}")
+        if freeze_bn_epoch is not None and freeze_bn_epoch < 0:
+            raise QlightError(f"freeze_bn_epoch must be 0 or more, got {freeze_bn_epoch}")
+        if eval_split not in ("val", "test"):
+            raise QlightError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
 
     @property
     def recipe(self) -> IntxWeightOnly:
-        return IntxWeightOnly(self.weight_bits)
+        """The weight-only recipe the converted model is saved as."""
+        return IntxWeightOnly(self.weight_bits, self.granularity)
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
             raise QlightError(f"QAT start_epoch={self.start_epoch} is at or past max_epochs={trainer.max_epochs}")
         if stage == "fit" and self.baseline_ckpt:
             load_checkpoint_weights(pl_module, self.baseline_ckpt, "baseline checkpoint")
             rank_zero_info(f"QAT: starting from the weights of {self.baseline_ckpt}")
-        targets = quantizable_modules(pl_module, self.keep_first, self.keep_last)
+        bad = non_finite_tensors(pl_module)
+        if bad:
+            raise QlightError(f"QAT: {type(pl_module).__name__} holds NaN or Inf in {', '.join(bad[:3])}")
+        targets = [
+            name
+            for name in quantizable_modules(pl_module, self.keep_first, self.keep_last)
+            if groupable(pl_module.get_submodule(name).weight, self.granularity)
+        ]
         if not targets:
             raise QlightError(f"QAT: {type(pl_module).__name__} has no Conv2d or Linear module to fake-quantize")
         insert_fake_quant(
             pl_module,
             targets,
-            weight_config(self.weight_bits, self.learned_scales),
-            activation_config(self.activation_bits) if self.activation_bits else None,
+            weight_fake_quant_config(self.weight_bits, self.learned_scales),
+            activation_fake_quant_config(self.activation_bits) if self.activation_bits else None,
+            self.granularity,
         )
         init_learned_scales(pl_module)
         set_fake_quant_enabled(pl_module, stage != "fit" or self.start_epoch == 0)
+        hook = pl_module.register_load_state_dict_pre_hook(functools.partial(_check_scales, self.learned_scales))
+        self._writing.callback(hook.remove)
+        if stage == "fit" and trainer.is_global_zero:
+            self._writing.enter_context(exclusive_dir(self._out(trainer), "QuantizationAwareTraining"))
 
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._writing.close()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._writing.close()
+
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         set_fake_quant_enabled(pl_module, epoch >= self.start_epoch)
@@ -139,42 +217,46 @@ class QuantizationAwareTraining(Callback):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.eval_every_epoch:
             self._record(trainer, pl_module, pl_module, self.eval_split, trainer.current_epoch)
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         converted = self.convert(pl_module)
         row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, converted=True)
-        out = output_dir(trainer, self.output_dir, "qat")
-        example = next(iter(transferred_batches(trainer, pl_module, dataloader(trainer, pl_module, "test"), 1)))[0]
-        payload = quantized_bytes(converted, self.recipe.name, self._targets(pl_module), pl_module, example)
+        targets = self._targets(pl_module)
+        payload = quantized_bytes(converted, self.recipe, targets, pl_module, example_input(trainer, pl_module))
         if trainer.is_global_zero:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "model.pt").write_bytes(payload)
-            rank_zero_info(
-                f"QAT int{self.weight_bits}: converted test acc1 {row['acc1']:.4f}, {len(payload) / 2**20:.2f} MiB -> {out / 'model.pt'}"
-            )
+            path = self._out(trainer) / "model.pt"
+            atomic_write_bytes(path, payload)
+            mib = len(payload) / 2**20
+            rank_zero_info(f"QAT int{self.weight_bits}: converted test acc1 {row['acc1']:.4f}, {mib:.2f} MiB -> {path}")
         log_to_loggers(trainer, {"qat/size_mib": len(payload) / 2**20})
         trainer.strategy.barrier("qlight_qat")
 
     def convert(self, pl_module: LightningModule) -> nn.Module:
         """A copy of ``pl_module`` with torchao quantized weights in place of the fake-quant modules,
         holding exactly the integer codes and scales that the fake-quant forward uses."""
-        model = detached_copy(pl_module)
+        model = eval_copy(pl_module)
         set_fake_quant_enabled(model, True)
         qparams = {name: weight_qparams(model.get_submodule(name)) for name in self._targets(model)}
         remove_fake_quant(model)
-        model = self.recipe.quantize(model, set(qparams))
         for name, (codes, scale) in qparams.items():
-            weight = model.get_submodule(name).weight
-            weight.qdata.copy_(codes)
-            weight.scale.copy_(scale)
+            module = model.get_submodule(name)
+            set_weight(module, intx_from_codes(codes, scale, self.weight_bits, module.weight.dtype))
+        bad = non_finite_tensors(model)
+        if bad:
+            raise QlightError(f"QAT trained NaN or Inf into {', '.join(bad[:3])}: lower the learning rate")
         return model
 
     @staticmethod
-    def _targets(pl_module: LightningModule) -> list[str]:
+    def _targets(pl_module: nn.Module) -> list[str]:
         return [name for name, module in pl_module.named_modules() if isinstance(module, FAKE_QUANTIZED)]
+
+    def _out(self, trainer: Trainer) -> Path:
+        return output_dir(trainer, self.output_dir, "qat")
 
     def _record(
         self,
@@ -191,40 +273,41 @@ class QuantizationAwareTraining(Callback):
         loader = dataloader(trainer, pl_module, split)
         accuracy = evaluate(model, transferred_batches(trainer, pl_module, loader, shard=True), trainer)
         model.train(was_training)
-        on = "converted" if converted else ("on" if epoch >= self.start_epoch else "off")
+        if converted:
+            state = "converted"
+        else:
+            state = "on" if epoch >= self.start_epoch else "off"
         row = {
             "epoch": epoch,
             "split": split,
-            "fake_quant": on,
+            "fake_quant": state,
             "acc1": accuracy.acc1,
             "acc5": accuracy.acc5,
             "seconds": round(time.perf_counter() - start, 2),
         }
         self.results.append(row)
         prefix = "qat/converted" if converted else "qat"
-        log_to_loggers(
-            trainer,
-            {f"{prefix}/acc1": accuracy.acc1, f"{prefix}/acc5": accuracy.acc5},
-            step=None if converted else epoch,
-        )
+        metrics = {f"{prefix}/acc1": accuracy.acc1, f"{prefix}/acc5": accuracy.acc5}
+        log_to_loggers(trainer, metrics, step=None if converted else epoch)
         if trainer.is_global_zero:
-            out = output_dir(trainer, self.output_dir, "qat")
-            write_csv(self.results, out / "results.csv", COLUMNS)
-            (out / "results.md").write_text(f"# QAT int{self.weight_bits}\n\n{markdown_table(self.results, COLUMNS)}")
+            write_results(self._out(trainer), f"QAT {self.recipe.name}", self.results, COLUMNS)
         return row
 
     def _settings(self) -> dict[str, Any]:
         return {
             "weight_bits": self.weight_bits,
+            "granularity": self.granularity,
             "activation_bits": self.activation_bits,
             "learned_scales": self.learned_scales,
         }
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**self._settings(), "results": self.results}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {key: state_dict.get(key, False) for key in self._settings()}
+        saved = {key: state_dict.get(key, _SETTINGS_BEFORE_0_2.get(key)) for key in self._settings()}
         if saved != self._settings():
             raise QlightError(f"the checkpoint was trained with QAT {saved}, this callback has {self._settings()}")
         self.results = list(state_dict["results"])

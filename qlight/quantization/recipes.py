@@ -1,5 +1,5 @@
-"""Quantization recipes: one small config per recipe, each mapped onto torchao (as torchao's
-``quant_api.py`` pairs a config dataclass with a handler).
+"""Quantization recipes: one small frozen config per recipe behind the :class:`Recipe` protocol, each
+applied with torchao (as torchao's ``quant_api.py`` pairs a config dataclass with a handler).
 
 Unlike torchao's default (``nn.Linear`` only), every recipe targets the modules it is given, by
 default every ``Conv2d`` and ``Linear`` (:func:`quantizable_modules`).
@@ -9,30 +9,57 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from torchao.quantization import IntxUnpackedToInt8Tensor, IntxWeightOnlyConfig, quantize_
-from torchao.quantization.granularity import PerAxis
+from torchao.quantization import IntxUnpackedToInt8Tensor
 
 from qlight.errors import QlightError
+from qlight.quantization.intx import GRANULARITIES, MAX_BITS, MIN_BITS, Granularity, groupable, intx_weight, set_weight
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MIN_BITS, MAX_BITS = 2, 8
+DEFAULT_GRANULARITY: Granularity = "per_channel"
 
 
-def int_dtype(bits: int) -> torch.dtype:
-    """``torch.int2`` .. ``torch.int8`` for ``bits``."""
-    return getattr(torch, f"int{bits}")
+@runtime_checkable
+class Recipe(Protocol):
+    """What the callbacks, the result tables and the file format need of a recipe."""
 
+    @property
+    def name(self) -> str:
+        """Unique among recipes: the table row and the file name."""
 
-def dtype_bits(dtype: torch.dtype) -> int:
-    """Inverse of :func:`int_dtype`."""
-    return int(str(dtype).removeprefix("torch.int"))
+    @property
+    def bits(self) -> int:
+        """Bits per quantized weight."""
+
+    @property
+    def static(self) -> bool:
+        """The result is an exported graph (saved as ``.pt2``), not the module with new weights."""
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the quantized model takes its inputs in."""
+
+    @property
+    def calibrated(self) -> bool:
+        """The recipe uses the calibration batches."""
+
+    @property
+    def granularity(self) -> str:
+        """Which weights share a scale (``""`` for float casts)."""
+
+    @property
+    def method(self) -> str:
+        """How the values are chosen: ``cast``, ``rtn`` (round to nearest), ``pt2e`` (calibrated)."""
+
+    def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
+        """Quantize the ``targets`` of ``model`` (modified in place or replaced); ``calibration`` holds
+        input batches for recipes that calibrate."""
 
 
 @dataclass(frozen=True)
@@ -41,44 +68,61 @@ class FloatCast:
 
     name: str
     dtype: torch.dtype
-    bits: int
     static = False
-    input_dtype = property(lambda self: self.dtype)
+    calibrated = False
+    granularity = ""
+    method = "cast"
 
-    def quantize(self, model: nn.Module, targets: set[str], calibration: Iterable[Tensor] = ()) -> nn.Module:
+    @property
+    def bits(self) -> int:
+        return torch.finfo(self.dtype).bits
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
         return model.to(self.dtype)
 
 
 @dataclass(frozen=True)
 class IntxWeightOnly:
-    """Symmetric N-bit weights, one scale per output channel (per (out, kh, kw) on conv), via
-    torchao's ``IntxWeightOnlyConfig``; activations stay in float."""
+    """Symmetric N-bit weights as torchao ``IntxUnpackedToInt8Tensor``, rounded to nearest with one
+    scale per group (see :mod:`qlight.quantization.intx`); activations stay in float. A conv whose
+    groups would hold one value (one input channel, ``per_kernel_position``) stays float."""
 
     bits: int
+    granularity: Granularity = DEFAULT_GRANULARITY
     static = False
+    calibrated = False
     input_dtype = torch.float32
+    method = "rtn"
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}"
+        suffix = "" if self.granularity == DEFAULT_GRANULARITY else f"@{self.granularity}"
+        return f"int{self.bits}{suffix}"
 
-    def torchao_config(self) -> IntxWeightOnlyConfig:
-        return IntxWeightOnlyConfig(weight_dtype=int_dtype(self.bits), granularity=PerAxis(0))
-
-    def quantize(self, model: nn.Module, targets: set[str], calibration: Iterable[Tensor] = ()) -> nn.Module:
-        quantize_(model, self.torchao_config(), filter_fn=module_filter(targets))
+    def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
+        for name in targets:
+            module = model.get_submodule(name)
+            if groupable(module.weight, self.granularity):
+                set_weight(module, intx_weight(module.weight, self.bits, self.granularity))
         return model
 
 
 @dataclass(frozen=True)
 class StaticPT2E:
     """Calibrated static quantization through torchao's PT2E flow (export, ``X86InductorQuantizer``,
-    calibrate, convert): int8 activations per tensor, ``weight_bits`` per channel, BatchNorm folded.
-    The result is an exported graph module."""
+    calibrate, convert): int8 activations per tensor, ``weight_bits`` per output channel, BatchNorm
+    folded. The result is an exported graph module."""
 
     weight_bits: int = 8
     static = True
+    calibrated = True
     input_dtype = torch.float32
+    granularity = "per_channel"
+    method = "pt2e"
 
     @property
     def name(self) -> str:
@@ -88,11 +132,10 @@ class StaticPT2E:
     def bits(self) -> int:
         return self.weight_bits
 
-    def quantize(self, model: nn.Module, targets: set[str], calibration: Iterable[Tensor] = ()) -> nn.Module:
+    def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        batches = list(calibration)
-        if not batches:
+        if not calibration:
             raise QlightError(f"{self.name} needs calibration batches: set calibration_batches to 1 or more")
         quantizer = _x86_quantizer(self.weight_bits)
         for fqn, module in model.named_modules():
@@ -100,19 +143,16 @@ class StaticPT2E:
                 quantizer.set_module_name_qconfig(fqn, None)
         # Strict (dynamo) export records the source modules that the quantizer matches its patterns
         # on; torch 2.11's default non-strict export does not, and the quantizer then finds nothing.
-        graph = export_batched(model.eval(), batches[0], strict=True).module()
+        graph = export_batched(model.eval(), calibration[0], strict=True).module()
         prepared = prepare_pt2e(graph, quantizer)
         with torch.no_grad():
-            for batch in batches:
+            for batch in calibration:
                 prepared(batch)
         converted = convert_pt2e(prepared)
         if targets and not quantized_weight_sizes(converted):
             raise RuntimeError(f"{self.name}: torchao's quantizer matched no layer with torch {torch.__version__}")
         _drop_unused_attributes(converted)
         return converted
-
-
-Recipe = Union[FloatCast, IntxWeightOnly, StaticPT2E]
 
 
 def export_batched(model: nn.Module, example: Tensor, strict: bool = False) -> torch.export.ExportedProgram:
@@ -153,7 +193,7 @@ def _drop_unused_attributes(graph_module: torch.fx.GraphModule) -> None:
             delattr(graph_module.get_submodule(owner_path), leaf)
 
 
-_INT = re.compile(r"int(\d+)")
+_INT = re.compile(r"int(\d+)(?:@(\w+))?")
 _STATIC = {"int8_static": 8, "w4a8_static": 4}
 
 
@@ -161,34 +201,38 @@ def valid_recipe_names() -> list[str]:
     return [*FLOAT_DTYPES, *(f"int{b}" for b in range(MIN_BITS, MAX_BITS + 1)), *_STATIC]
 
 
-def parse_recipe(name: str) -> Recipe:
-    """``fp32``, ``fp16``, ``bf16``, ``int2``..``int8`` (weight-only), ``int8_static`` or ``w4a8_static``."""
+def parse_recipe(name: str, granularity: Granularity = DEFAULT_GRANULARITY) -> Recipe:
+    """``fp32``, ``fp16``, ``bf16``, ``int2``..``int8`` (weight-only; ``granularity`` unless the name
+    ends in ``@per_channel`` or ``@per_kernel_position``), ``int8_static`` or ``w4a8_static``."""
     if name in FLOAT_DTYPES:
-        dtype = FLOAT_DTYPES[name]
-        return FloatCast(name, dtype, torch.finfo(dtype).bits)
+        return FloatCast(name, FLOAT_DTYPES[name])
     if name in _STATIC:
         return StaticPT2E(_STATIC[name])
     match = _INT.fullmatch(name)
-    if match and MIN_BITS <= int(match.group(1)) <= MAX_BITS:
-        return IntxWeightOnly(int(match.group(1)))
-    raise QlightError(f"unknown quantization recipe {name!r}; valid: {', '.join(valid_recipe_names())}")
+    if match and MIN_BITS <= int(match.group(1)) <= MAX_BITS and match.group(2) in (None, *GRANULARITIES):
+        return IntxWeightOnly(int(match.group(1)), match.group(2) or check_granularity(granularity))
+    raise QlightError(
+        f"unknown quantization recipe {name!r}; valid: {', '.join(valid_recipe_names())}, "
+        f"int<N>@<granularity> with granularity {' or '.join(GRANULARITIES)}"
+    )
+
+
+def check_granularity(granularity: str) -> Granularity:
+    if granularity not in GRANULARITIES:
+        raise QlightError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
+    return granularity  # type: ignore[return-value]
 
 
 def quantizable_modules(
     model: nn.Module, keep_first: bool = False, keep_last: bool = False, types: tuple[type, ...] = QUANTIZABLE
 ) -> list[str]:
-    """Names of the modules to quantize, in definition order; the first and/or last can stay float.
-
-    A conv with one input channel per group is left out: torchao groups conv weights over input
-    channels (one scale per out-channel, kh, kw), so its groups would hold a single value, which
-    torchao 0.18 cannot quantize and which would save nothing.
-    """
-    names = [
-        fqn
-        for fqn, module in model.named_modules()
-        if isinstance(module, types) and not (isinstance(module, nn.Conv2d) and module.weight.shape[1] == 1)
-    ]
-    return names[int(keep_first) : len(names) - int(keep_last) if keep_last else None]
+    """Names of the ``types`` modules of ``model`` in definition order, without the first and/or last."""
+    names = [fqn for fqn, module in model.named_modules() if isinstance(module, types)]
+    if keep_first:
+        names = names[1:]
+    if keep_last:
+        names = names[:-1]
+    return names
 
 
 def quantized_weight_sizes(model: nn.Module) -> list[int]:
@@ -200,8 +244,3 @@ def quantized_weight_sizes(model: nn.Module) -> list[int]:
     return [
         m.weight.numel() for m in model.modules() if isinstance(getattr(m, "weight", None), IntxUnpackedToInt8Tensor)
     ]
-
-
-def module_filter(targets: set[str]) -> Callable[[nn.Module, str], bool]:
-    """A torchao ``filter_fn`` that selects modules by name."""
-    return lambda _, fqn: fqn in targets

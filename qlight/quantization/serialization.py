@@ -1,26 +1,38 @@
-"""Quantized model files: packed sub-byte weights, loadable with ``weights_only`` (no pickled code).
+"""Quantized model files: packed sub-byte weights, loaded without running code from the file.
 
-A file holds the recipe's name, the model's class path and hyperparameters (to rebuild it, as
-Lightning's ``load_from_checkpoint`` does), the quantized module names and a state dict in which
-each torchao ``IntxUnpackedToInt8Tensor`` is replaced by its packed integer codes, scales and zero
-points. Static (PT2E) recipes are exported graphs and use ``torch.export``'s own format instead.
+A ``.pt`` file holds the recipe's name, the model's class path and hyperparameters (to rebuild it, as
+Lightning's ``load_from_checkpoint`` does), the quantized module names and a state dict in which each
+torchao ``IntxUnpackedToInt8Tensor`` is replaced by its packed integer codes and scales. It is read
+with ``weights_only`` and checked (shapes, bits, code range, finite scales) before use. Static (PT2E)
+recipes are exported graphs in ``torch.export``'s ``.pt2`` format, whose archive is inspected first:
+a ``.pt2`` that asks for pickled objects is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
+import json
+import os
+import sys
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.export.pt2_archive import constants as pt2_constants
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
 from qlight.errors import QlightError
-from qlight.quantization.recipes import StaticPT2E, dtype_bits, export_batched, parse_recipe
+from qlight.files import load_torch_file
+from qlight.quantization.intx import code_range, dtype_bits, intx_from_codes, set_weight
+from qlight.quantization.recipes import Recipe, export_batched, parse_recipe
 
 FORMAT = "qlight.quantized/1"
+_PLAIN_TENSOR_FILES = (pt2_constants.WEIGHT_FILENAME_PREFIX, pt2_constants.TENSOR_CONSTANT_FILENAME_PREFIX)
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
@@ -67,19 +79,19 @@ def _model_spec(model: nn.Module) -> dict[str, Any]:
 
 
 def quantized_bytes(
-    model: nn.Module, recipe_name: str, targets: list[str], source: nn.Module, example_input: Tensor
+    model: nn.Module, recipe: Recipe, targets: Sequence[str], source: nn.Module, example_input: Tensor
 ) -> bytes:
-    """Serialize ``model``, the result of applying ``recipe_name`` to ``targets`` of ``source``.
+    """Serialize ``model``, the result of applying ``recipe`` to ``targets`` of ``source``.
 
     ``example_input`` is only used to export the graph of static recipes.
     """
     buffer = io.BytesIO()
-    if isinstance(parse_recipe(recipe_name), StaticPT2E):
+    if recipe.static:
         torch.export.save(export_batched(model, example_input), buffer)
         return buffer.getvalue()
     payload = {
         "format": FORMAT,
-        "recipe": recipe_name,
+        "recipe": recipe.name,
         "model": _model_spec(source),
         "targets": list(targets),
         "state_dict": _pack_state(model.state_dict()),
@@ -88,55 +100,167 @@ def quantized_bytes(
     return buffer.getvalue()
 
 
-def _instantiate(spec: dict[str, Any]) -> nn.Module:
-    module_name, _, class_name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or spec["init_args"] is None:
+def _model_class(class_path: Any, trusted_modules: Sequence[str], path: Path) -> type[nn.Module]:
+    # Importing a module runs its code: only modules already imported or named as trusted.
+    module_name, _, class_name = str(class_path).rpartition(".")
+    if not module_name or not class_name:
+        raise QlightError(f"{path} names no model class ({class_path!r}): pass load_quantized(path, model=...)")
+    if module_name not in sys.modules:
+        if module_name.split(".")[0] not in trusted_modules:
+            raise QlightError(
+                f"{path} asks to import {module_name}, which is not imported and not trusted: import it first, "
+                f"pass load_quantized(path, model=...) or trusted_modules=[{module_name.split('.')[0]!r}]"
+            )
+        try:
+            importlib.import_module(module_name)
+        except ImportError as err:
+            raise QlightError(f"{path} needs {class_path}, which cannot be imported ({err})") from None
+    cls = getattr(sys.modules[module_name], class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise QlightError(f"{path} names {class_path}, which is not an nn.Module")
+    return cls
+
+
+def _instantiate(spec: Any, trusted_modules: Sequence[str], path: Path) -> nn.Module:
+    if not isinstance(spec, dict):
+        raise QlightError(f"{path} does not say which model it holds: pass load_quantized(path, model=...)")
+    cls = _model_class(spec.get("class_path"), trusted_modules, path)
+    if not isinstance(spec.get("init_args"), dict):
         raise QlightError(
             f"cannot rebuild {spec['class_path']} from its hyperparameters: pass the model, "
             "load_quantized(path, model=MyModel(...)), or call self.save_hyperparameters() in its __init__"
         )
     # LightningCLI adds private entries (``_instantiator``, ``_class_path``) to the hyperparameters.
-    return cls(**{key: value for key, value in spec["init_args"].items() if not key.startswith("_")})
+    try:
+        return cls(**{key: value for key, value in spec["init_args"].items() if not key.startswith("_")})
+    except (TypeError, ValueError, QlightError) as err:
+        raise QlightError(f"{path}: cannot rebuild {spec['class_path']} ({err})") from None
+
+
+def _quantized_weight(entry: Any, key: str, model_weight: Tensor, recipe: Recipe, path: Path) -> Tensor:
+    """Check one packed weight against the model and the recipe, then build its torchao tensor."""
+
+    def bad(why: str) -> QlightError:
+        return QlightError(f"{path}: {key} {why}")
+
+    if not isinstance(entry, dict) or not {"codes", "shape", "bits", "scale"} <= set(entry):
+        raise bad("is not a packed weight")
+    bits, shape, scale = entry["bits"], tuple(entry["shape"]), entry["scale"]
+    if bits != recipe.bits:
+        raise bad(f"holds {bits}-bit codes, but recipe {recipe.name} has {recipe.bits} bits")
+    if shape != tuple(model_weight.shape):
+        raise bad(f"has shape {shape}, the model's weight {tuple(model_weight.shape)}: another architecture?")
+    codes = entry["codes"] if bits == 8 else unpack_bits(entry["codes"], bits, shape)
+    qmin, qmax = code_range(bits)
+    if codes.shape != shape or codes.dtype != torch.int8 or codes.min() < qmin or codes.max() > qmax:
+        raise bad(f"holds codes outside {bits}-bit range [{qmin}, {qmax}]")
+    if (
+        not torch.is_tensor(scale)
+        or not scale.is_floating_point()
+        or not bool((torch.isfinite(scale) & (scale > 0)).all())
+    ):
+        raise bad("has scales that are not finite and positive")
+    if "zero_point" in entry and bool(entry["zero_point"].any()):
+        raise bad("has non-zero zero points, but qlight's weights are symmetric")
+    try:
+        return intx_from_codes(codes, scale, bits, scale.dtype)
+    except ValueError as err:
+        raise bad(str(err)) from None
+
+
+def _restore(model: nn.Module, state: dict[str, Any], recipe: Recipe, path: Path) -> None:
+    current = model.state_dict()
+    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise QlightError(
+            f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+            "another architecture?"
+        )
+    plain = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            owner = model.get_submodule(key.rpartition(".")[0])
+            set_weight(owner, _quantized_weight(value, key, current[key], recipe, path))
+        elif not torch.is_tensor(value) or value.shape != current[key].shape:
+            raise QlightError(f"{path}: {key} does not match the model's {tuple(current[key].shape)}")
+        else:
+            plain[key] = value
+    model.load_state_dict(plain, strict=False, assign=True)
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    # torch.export.load falls back to unpickling (weights_only=False) for some entries; this makes
+    # every torch.load it does weights-only.
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _check_pt2(path: Path) -> None:
+    """Refuse an archive that asks for pickled weights, constants or objects."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(("_weights_config.json", "_constants_config.json")):
+                    entries = json.loads(archive.read(name))["config"].values()
+                    if any(e["use_pickle"] or not e["path_name"].startswith(_PLAIN_TENSOR_FILES) for e in entries):
+                        raise QlightError(f"{path} asks to unpickle objects ({name}); qlight loads only plain tensors")
+                elif name.endswith(".pt") and "/data/sample_inputs/" not in name:
+                    raise QlightError(f"{path} holds a pickled file ({name}); qlight loads only plain tensors")
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError):
+        raise QlightError(f"{path} is not a .pt2 archive or is corrupt") from None
+
+
+def _load_pt2(path: Path) -> nn.Module:
+    _check_pt2(path)
+    try:
+        with _weights_only_loads():
+            return torch.export.load(str(path)).module()
+    except Exception as err:  # torch.export raises many types for a damaged archive
+        raise QlightError(f"{path} cannot be loaded as an exported program ({type(err).__name__})") from None
 
 
 def load_quantized(
-    path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+    path: str | Path,
+    model: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+    trusted_modules: Sequence[str] = ("qlight",),
 ) -> nn.Module:
-    """Rebuild a model saved by the quantization callbacks.
+    """Rebuild a model saved by the quantization callbacks, without running code from the file.
 
     Args:
-        path: a ``.pt`` file (weights-only recipes, float casts) or ``.pt2`` (static recipes).
+        path: a ``.pt`` file (weight-only recipes, float casts) or ``.pt2`` (static recipes).
         model: an unquantized model of the same architecture; by default it is rebuilt from the
             class path and hyperparameters stored in the file.
         map_location: device for the loaded tensors.
+        trusted_modules: top-level packages that the file's class path may import when the class is
+            not imported yet (a module that is already imported runs no new code).
+
+    Raises:
+        QlightError: a missing, truncated or edited file, a file for another model, or a class
+            that is neither imported nor trusted.
     """
     path = Path(path)
     if not path.is_file():
         raise QlightError(f"no quantized model at {path}")
     if path.suffix == ".pt2":
-        return torch.export.load(str(path)).module()
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+        return _load_pt2(path)
+    payload = load_torch_file(path, "quantized model", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QlightError(f"{path} is not a qlight quantized model file")
-    recipe = parse_recipe(payload["recipe"])
-    model = (model if model is not None else _instantiate(payload["model"])).to(map_location)
-    model = recipe.quantize(model, set(payload["targets"]))
-    state = payload["state_dict"]
-    current = model.state_dict()
-    for key, value in state.items():
-        if isinstance(value, dict):
-            target = current[key]
-            codes = (
-                value["codes"]
-                if value["bits"] == 8
-                else unpack_bits(value["codes"], value["bits"], tuple(value["shape"]))
-            )
-            target.qdata.copy_(codes)
-            target.scale.copy_(value["scale"])
-            target.zero_point.copy_(value["zero_point"])
-    model.load_state_dict({k: v for k, v in state.items() if not isinstance(v, dict)}, strict=False)
-    missing = set(current) - set(state)
-    if missing:
-        raise QlightError(f"{path} does not match the model: missing {sorted(missing)[:3]}")
+    try:
+        recipe = parse_recipe(str(payload.get("recipe")))
+    except QlightError as err:
+        raise QlightError(f"{path}: {err}") from None
+    if recipe.static or not isinstance(payload.get("state_dict"), dict):
+        raise QlightError(f"{path} is not a qlight quantized model file")
+    model = (model if model is not None else _instantiate(payload.get("model"), trusted_modules, path)).to(map_location)
+    _restore(model, payload["state_dict"], recipe, path)
     return model.eval()

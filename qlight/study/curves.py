@@ -33,14 +33,14 @@ def fit_bit_curve(bits: Sequence[int], acc: Sequence[float]) -> BitCurve:
     xs = [4.0 ** (-b) for b in bits]
     n = len(xs)
     mean_x, mean_y = sum(xs) / n, sum(acc) / n
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, acc)) / sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, acc, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
     return BitCurve(plateau=mean_y - slope * mean_x, drop=-slope)
 
 
 def first_bits_with_gap(bits: Sequence[int], acc: Sequence[float], reference: float, gap: float = 0.01) -> int | None:
     """Going down from the most bits, the first measured bit-width whose accuracy is more than
     ``gap`` below ``reference``; ``None`` if none is."""
-    for b, a in sorted(zip(bits, acc), reverse=True):
+    for b, a in sorted(zip(bits, acc, strict=True), reverse=True):
         if reference - a > gap:
             return b
     return None

@@ -1,10 +1,13 @@
-"""The study's report: results.json, report.md, PNG plots and the same figures in TensorBoard."""
+"""The study's report, a function of the study directory alone: it reads the files the stages
+wrote and writes results.json, report.md, PNG plots and the same figures in TensorBoard."""
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -12,13 +15,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from qlight.quantization.reporting import markdown_table, read_csv  # noqa: E402
+from qlight.errors import QlightError  # noqa: E402
+from qlight.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from qlight.study.curves import BitCurve, epochs_to_match, first_bits_with_gap, fit_bit_curve  # noqa: E402
-
-if TYPE_CHECKING:
-    from qlight.study.runner import Study
+from qlight.tables import markdown_table, read_csv  # noqa: E402
 
 GAP = 0.01  # "the bit-width where the gap to fp32 first exceeds 1 point"
+FIGURES = ("accuracy_vs_bits", "accuracy_vs_size", "qat_epochs", "precision_loss", "precision_numerics")
+CURVE_MODEL = "acc(b) = plateau - drop * 4^(-b)  (quantization noise variance ~ 2^(-2b)), least squares"
 
 
 def _number(value: str) -> float | int | str | None:
@@ -32,219 +36,288 @@ def _number(value: str) -> float | int | str | None:
     return value
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def _numeric_csv(path: Path) -> list[dict[str, Any]]:
     return [{k: _number(v) for k, v in row.items()} for row in read_csv(path)] if path.is_file() else []
 
 
-def _ptq_points(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], float | None, list[tuple[int, float]]]:
-    """Measured PTQ rows by recipe, the fp32 accuracy and the sorted (bits, acc1) of weight-only recipes."""
-    by_name = {r["recipe"]: r for r in rows if r.get("acc1") is not None}
-    ints = sorted(
-        (r["bits"], r["acc1"]) for name, r in by_name.items() if name.startswith("int") and "static" not in name
-    )
-    return by_name, by_name.get("fp32", {}).get("acc1"), ints
+def _json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise QlightError(f"{path} is corrupt: delete it and rerun its stage") from None
 
 
-def collect(study: Study) -> dict[str, Any]:
-    """Every number of the study, read back from the files its stages wrote."""
-    root = study.dir
-    results: dict[str, Any] = {"config": study._fingerprint(), "errors": dict(study.errors)}
-    baseline = root / "baseline" / "baseline.json"
-    results["baseline"] = json.loads(baseline.read_text()) if baseline.is_file() else None
-    ptq = _rows(root / "ptq" / "results.csv")
-    results["ptq"] = ptq
-    by_name, fp32, ints = _ptq_points(ptq)
-    curve = None
-    if fp32 is not None and len({b for b, _ in ints}) >= 2:
-        fit = fit_bit_curve([b for b, _ in ints], [a for _, a in ints])
-        curve = {
-            "model": "acc(b) = plateau - drop * 4^(-b)  (quantization noise variance ~ 2^(-2b)), least squares",
-            "plateau": fit.plateau,
-            "drop": fit.drop,
-            "first_bits_gap_over_1pt_measured": first_bits_with_gap(
-                [b for b, _ in ints], [a for _, a in ints], fp32, GAP
-            ),
-            "bits_gap_1pt_fitted": fit.bits_for_gap(fp32, GAP),
-        }
-    results["bit_curve"] = curve
+def weight_only_series(ptq: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Measured (bits, top-1) of the weight-only rows, one series per granularity and method."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in ptq:
+        if row.get("acc1") is not None and row.get("method") not in (None, "cast", "pt2e"):
+            series.setdefault(f"{row['granularity']} {row['method']}", []).append((row["bits"], row["acc1"]))
+    return {label: sorted(points) for label, points in series.items()}
+
+
+def _bit_curve(points: list[tuple[int, float]], fp32: float) -> dict[str, Any] | None:
+    bits, acc = [b for b, _ in points], [a for _, a in points]
+    if len(set(bits)) < 2:
+        return None
+    fit = fit_bit_curve(bits, acc)
+    return {
+        "plateau": fit.plateau,
+        "drop": fit.drop,
+        "first_bits_gap_over_1pt_measured": first_bits_with_gap(bits, acc, fp32, GAP),
+        "bits_gap_1pt_fitted": fit.bits_for_gap(fp32, GAP),
+    }
+
+
+def _qat_results(root: Path, ptq_by_name: dict[str, dict[str, Any]], fp32: float | None) -> dict[str, Any]:
     qat: dict[str, Any] = {}
-    for bits in study.config.qat.bits:
-        rows = _rows(root / f"qat_int{bits}" / "results.csv")
+    for folder in sorted(root.glob("qat_int*"), key=lambda p: -int(p.name.removeprefix("qat_int") or 0)):
+        rows = _numeric_csv(folder / "results.csv")
         if not rows:
             continue
+        bits = folder.name.removeprefix("qat_int")
         per_epoch = [r["acc1"] for r in rows if r["fake_quant"] != "converted"]
-        converted = next((r["acc1"] for r in rows if r["fake_quant"] == "converted"), None)
-        ptq_acc = by_name.get(f"int{bits}", {}).get("acc1")
-        qat[str(bits)] = {
+        ptq_acc = ptq_by_name.get(f"int{bits}", {}).get("acc1")
+        qat[bits] = {
             "acc1_per_epoch": per_epoch,
-            "converted_acc1": converted,
+            "converted_acc1": next((r["acc1"] for r in rows if r["fake_quant"] == "converted"), None),
             "ptq_acc1": ptq_acc,
             "epochs_to_match_ptq": epochs_to_match(per_epoch, ptq_acc) if ptq_acc is not None else None,
             "epochs_to_match_fp32": epochs_to_match(per_epoch, fp32) if fp32 is not None else None,
         }
-    results["qat"] = qat
-    precisions, note = study.precisions()
-    results["precision"] = {
-        p: json.loads((root / "precision" / f"{p}.json").read_text())
-        for p in precisions
-        if (root / "precision" / f"{p}.json").is_file()
+    return qat
+
+
+def collect(root: Path) -> dict[str, Any]:
+    """Every number of the study in ``root``, read back from the files its stages wrote."""
+    ptq = _numeric_csv(root / "ptq" / "results.csv")
+    by_name = {r["recipe"]: r for r in ptq if r.get("acc1") is not None}
+    fp32 = by_name.get("fp32", {}).get("acc1")
+    series = weight_only_series(ptq)
+    precision = {}
+    for folder in sorted(root.glob("precision_*")):
+        summary = _json(folder / "summary.json")
+        if summary is not None:
+            precision[folder.name.removeprefix("precision_")] = summary
+    return {
+        "config": _json(root / "study_config.json") or {},
+        "errors": _json(root / "errors.json") or {},
+        "baseline": _json(root / "baseline" / "baseline.json"),
+        "ptq": ptq,
+        "bit_curve_model": CURVE_MODEL,
+        "bit_curves": {label: _bit_curve(points, fp32) for label, points in series.items()} if fp32 else {},
+        "qat": _qat_results(root, by_name, fp32),
+        "precision": precision,
     }
-    results["precision_note"] = note
-    return results
+
+
+# --- figures, one function each -----------------------------------------------------------------
+
+
+def _plot_accuracy_vs_bits(results: dict[str, Any], ax: plt.Axes) -> bool:
+    series = weight_only_series(results["ptq"])
+    if not series:
+        return False
+    grid = [2 + i * 0.05 for i in range(121)]
+    for i, (label, points) in enumerate(series.items()):
+        ax.plot(*zip(*points, strict=True), "o", color=f"C{i}", label=f"PTQ {label}")
+        curve = results["bit_curves"].get(label)
+        if curve:
+            fitted = BitCurve(curve["plateau"], curve["drop"])
+            ax.plot(grid, [fitted(b) for b in grid], "-", color=f"C{i}", alpha=0.5)
+    qat = [(int(b), q["converted_acc1"]) for b, q in results["qat"].items() if q["converted_acc1"] is not None]
+    if qat:
+        ax.plot(*zip(*sorted(qat), strict=True), "s", color="black", label="QAT (converted)")
+    _fp32_line(results, ax)
+    ax.set(xlabel="weight bits", ylabel="test top-1", title="Accuracy vs bit-width (lines: plateau - drop·4^-b)")
+    ax.legend(fontsize=7)
+    return True
+
+
+def _plot_accuracy_vs_size(results: dict[str, Any], ax: plt.Axes) -> bool:
+    sized = [(r["size_mib"], r["acc1"], r["recipe"]) for r in results["ptq"] if r.get("size_mib") and r.get("acc1")]
+    if not sized:
+        return False
+    ax.plot([s for s, _, _ in sized], [a for _, a, _ in sized], "o")
+    for size, acc, name in sized:
+        ax.annotate(name, (size, acc), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set(xscale="log", xlabel="file size (MiB, log)", ylabel="test top-1", title="Accuracy vs model size")
+    return True
+
+
+def _plot_qat_epochs(results: dict[str, Any], ax: plt.Axes) -> bool:
+    if not results["qat"]:
+        return False
+    for i, (bits, q) in enumerate(results["qat"].items()):
+        color = f"C{i}"
+        epochs = range(1, len(q["acc1_per_epoch"]) + 1)
+        ax.plot(epochs, q["acc1_per_epoch"], "o-", color=color, label=f"QAT int{bits}")
+        if q["ptq_acc1"] is not None:
+            ax.axhline(q["ptq_acc1"], color=color, ls=":", label=f"PTQ int{bits}")
+        if q["epochs_to_match_ptq"]:
+            e = q["epochs_to_match_ptq"]
+            ax.plot([e], [q["acc1_per_epoch"][e - 1]], "*", color=color, markersize=14)
+    _fp32_line(results, ax)
+    ax.set(xlabel="QAT epoch", ylabel="test top-1 (fake-quant)", title="QAT per epoch (★ = matches PTQ)")
+    ax.legend(fontsize=7)
+    return True
+
+
+def _plot_precision_loss(results: dict[str, Any], ax: plt.Axes) -> bool:
+    runs = {p: r for p, r in results["precision"].items() if r["losses"]}
+    if not runs:
+        return False
+    for precision, run in runs.items():
+        ax.plot(*zip(*run["losses"], strict=True), label=precision)
+    ax.set(xlabel="step", ylabel="training loss", title="Training loss by precision")
+    ax.legend()
+    return True
+
+
+def _plot_precision_numerics(results: dict[str, Any], ax: plt.Axes) -> bool:
+    labels, shares = [], {"overflow": [], "underflow": [], "subnormal": []}
+    for precision, run in results["precision"].items():
+        for key, values in run["values"].items():
+            labels.append(f"{key}\n({precision})" if len(results["precision"]) > 1 else key)
+            for outcome, column in shares.items():
+                column.append(100 * values[f"{outcome}_share"])
+    if not labels:
+        return False
+    width = 0.27
+    for j, (outcome, values) in enumerate(shares.items()):
+        ax.bar([i + (j - 1) * width for i in range(len(labels))], values, width, label=outcome)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set(ylabel="% of sampled values (symlog)", title="Values lost when cast: fp16 vs bf16")
+    ax.legend()
+    return True
+
+
+def _fp32_line(results: dict[str, Any], ax: plt.Axes) -> None:
+    fp32 = next((r["acc1"] for r in results["ptq"] if r["recipe"] == "fp32" and r.get("acc1") is not None), None)
+    if fp32 is not None:
+        ax.axhline(fp32, color="black", ls="--", label="fp32")
+
+
+PLOTS: dict[str, Callable[[dict[str, Any], plt.Axes], bool]] = {
+    "accuracy_vs_bits": _plot_accuracy_vs_bits,
+    "accuracy_vs_size": _plot_accuracy_vs_size,
+    "qat_epochs": _plot_qat_epochs,
+    "precision_loss": _plot_precision_loss,
+    "precision_numerics": _plot_precision_numerics,
+}
 
 
 def _figures(results: dict[str, Any]) -> dict[str, plt.Figure]:
-    figures: dict[str, plt.Figure] = {}
-    by_name, fp32, ints = _ptq_points(results["ptq"])
-    if ints:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(*zip(*ints), "o", label="PTQ weight-only")
-        curve = results["bit_curve"]
-        if curve:
-            grid = [2 + i * 0.05 for i in range(121)]
-            fitted = BitCurve(curve["plateau"], curve["drop"])
-            ax.plot(grid, [fitted(b) for b in grid], "-", alpha=0.6, label="fit: plateau - drop·4^-b")
-            if curve["first_bits_gap_over_1pt_measured"] is not None:
-                ax.axvline(curve["first_bits_gap_over_1pt_measured"], color="red", ls=":", label="gap > 1 pt")
-        qat = sorted(
-            (int(b), q["converted_acc1"]) for b, q in results["qat"].items() if q["converted_acc1"] is not None
-        )
-        if qat:
-            ax.plot(*zip(*qat), "s", label="QAT (converted)")
-        if fp32 is not None:
-            ax.axhline(fp32, color="black", ls="--", label="fp32")
-        ax.set(xlabel="weight bits", ylabel="test top-1", title="Accuracy vs bit-width")
-        ax.legend()
-        figures["accuracy_vs_bits"] = fig
-    sized = [(r["size_mib"], r["acc1"], n) for n, r in by_name.items() if r.get("size_mib")]
-    if sized:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([s for s, _, _ in sized], [a for _, a, _ in sized], "o")
-        for size, acc, name in sized:
-            ax.annotate(name, (size, acc), textcoords="offset points", xytext=(3, 3), fontsize=8)
-        ax.set(xscale="log", xlabel="file size (MiB, log)", ylabel="test top-1", title="Accuracy vs model size")
-        figures["accuracy_vs_size"] = fig
-    if results["qat"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, (bits, q) in enumerate(sorted(results["qat"].items(), key=lambda kv: -int(kv[0]))):
-            color = f"C{i}"
-            epochs = range(1, len(q["acc1_per_epoch"]) + 1)
-            ax.plot(epochs, q["acc1_per_epoch"], "o-", color=color, label=f"QAT int{bits}")
-            if q["ptq_acc1"] is not None:
-                ax.axhline(q["ptq_acc1"], color=color, ls=":", label=f"PTQ int{bits}")
-            if q["epochs_to_match_ptq"]:
-                e = q["epochs_to_match_ptq"]
-                ax.plot([e], [q["acc1_per_epoch"][e - 1]], "*", color=color, markersize=14)
-        if fp32 is not None:
-            ax.axhline(fp32, color="black", ls="--", label="fp32")
-        ax.set(xlabel="QAT epoch", ylabel="test top-1 (fake-quant)", title="QAT per epoch (★ = matches PTQ)")
-        ax.legend(fontsize=7)
-        figures["qat_epochs"] = fig
-    if results["precision"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for p, r in results["precision"].items():
-            if r["losses"]:
-                ax.plot(*zip(*r["losses"]), label=p)
-        ax.set(xlabel="step", ylabel="training loss", title="Training loss by precision")
-        ax.legend()
-        figures["precision_loss"] = fig
-        fig, ax = plt.subplots(figsize=(7, 4))
-        labels, shares = [], {"overflow": [], "underflow": [], "subnormal": []}
-        for p, r in results["precision"].items():
-            for key, v in r["values"].items():
-                labels.append(f"{key}\n({p})" if len(results["precision"]) > 1 else key)
-                for outcome in shares:
-                    shares[outcome].append(100 * v[f"{outcome}_share"])
-        width = 0.27
-        for j, (outcome, values) in enumerate(shares.items()):
-            ax.bar([i + (j - 1) * width for i in range(len(labels))], values, width, label=outcome)
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
-        ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set(ylabel="% of sampled values (symlog)", title="Values lost when cast: fp16 vs bf16")
-        ax.legend()
-        figures["precision_numerics"] = fig
+    figures = {}
+    for name, plot in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(7, 4) if name == "precision_numerics" else (6, 4))
+        if plot(results, ax):
+            figures[name] = fig
+        else:
+            plt.close(fig)
     return figures
+
+
+# --- markdown, one function per section ----------------------------------------------------------
 
 
 def _pct(value: Any) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
-def _markdown(results: dict[str, Any], images: list[str]) -> str:
+def _header(results: dict[str, Any]) -> list[str]:
     cfg = results["config"]
-    data = cfg["data"]
-    source = (
-        f"synthetic ({data['synthetic_train_size']} train / {data['synthetic_test_size']} test images)"
-        if data["synthetic"]
-        else "CIFAR-100"
-    )
-    lines = ["# qlight quantization study", ""]
-    lines += [
-        f"Model: {cfg['model'].get('num_classes')}-class VGG-11-BN; data: {source}; baseline: "
-        + (f"{cfg['baseline']['ckpt']}" if cfg["baseline"]["ckpt"] else f"{cfg['baseline']['epochs']} epochs")
-        + f"; trainer: {cfg['trainer']}.",
+    data, baseline = cfg.get("data", {}), cfg.get("baseline", {})
+    if data.get("synthetic"):
+        source = f"synthetic ({data['synthetic_train_size']} train / {data['synthetic_test_size']} test images)"
+    else:
+        source = "CIFAR-100"
+    trained = baseline.get("ckpt") or f"{baseline.get('epochs')} epochs"
+    lines = [
+        "# qlight quantization study",
+        "",
+        f"Model: {cfg.get('model', {}).get('num_classes')}-class VGG-11-BN; data: {source}; baseline: {trained}; "
+        f"trainer: {cfg.get('trainer')}.",
         "",
     ]
     if results["baseline"]:
         b = results["baseline"]
-        lines += [
-            f"Baseline test top-1 {_pct(b['test_acc1'])}%, top-5 {_pct(b['test_acc5'])}% ({b['checkpoint']}).",
-            "",
-        ]
-    lines += ["## Post-training quantization", "", "Every Conv2d and Linear; sizes are bytes of the saved file.", ""]
-    if results["ptq"]:
-        rows = [
+        top = f"top-1 {_pct(b['test_acc1'])}%, top-5 {_pct(b['test_acc5'])}%"
+        lines += [f"Baseline test {top} ({b['checkpoint']}).", ""]
+    return lines
+
+
+def _ptq_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Post-training quantization", "", "Every Conv2d and Linear; sizes are bytes of the saved file.", ""]
+    if not results["ptq"]:
+        return [*lines, "(no PTQ results)", ""]
+    rows = []
+    for r in results["ptq"]:
+        delta, size, ratio = r.get("delta_acc1"), r.get("size_mib"), r.get("compression")
+        rows.append(
             {
                 "recipe": r["recipe"],
                 "bits": r["bits"],
+                "granularity": r.get("granularity"),
+                "method": r.get("method"),
                 "top-1 %": _pct(r.get("acc1")),
-                "Δ vs fp32 (pt)": None if r.get("delta_acc1") is None else f"{100 * r['delta_acc1']:+.2f}",
-                "size MiB": None if r.get("size_mib") is None else f"{r['size_mib']:.2f}",
-                "compression": None if r.get("compression") is None else f"{r['compression']:.1f}x",
+                "Δ vs fp32 (pt)": None if delta is None else f"{100 * delta:+.2f}",
+                "size MiB": None if size is None else f"{size:.2f}",
+                "compression": None if ratio is None else f"{ratio:.1f}x",
                 "error": r.get("error"),
             }
-            for r in results["ptq"]
-        ]
-        lines += [markdown_table(rows, list(rows[0]))]
-    else:
-        lines += ["(no PTQ results)", ""]
-    lines += ["## Accuracy vs bit-width", ""]
-    curve = results["bit_curve"]
-    if curve:
+        )
+    return [*lines, markdown_table(rows, list(rows[0]))]
+
+
+def _bit_curve_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Accuracy vs bit-width", ""]
+    curves = {label: curve for label, curve in results["bit_curves"].items() if curve}
+    if not curves:
+        return [*lines, "(needs fp32 and at least two integer bit-widths)", ""]
+    lines += [f"Fitted model: {results['bit_curve_model']}.", ""]
+    for label, curve in curves.items():
         fitted = curve["bits_gap_1pt_fitted"]
-        lines += [
-            f"Fitted model: {curve['model']}: plateau {_pct(curve['plateau'])}%, drop {curve['drop']:.3f}.",
-            f"First measured bit-width more than 1 point below fp32: {curve['first_bits_gap_over_1pt_measured'] or 'none'}; "
-            f"the fit crosses 1 point at {'n/a' if fitted is None else f'{fitted:.2f}'} bits.",
-            "",
-        ]
-    else:
-        lines += ["(needs fp32 and at least two integer bit-widths)", ""]
-    lines += [
+        lines.append(
+            f"- {label}: plateau {_pct(curve['plateau'])}%, drop {curve['drop']:.3f}; first measured bit-width more "
+            f"than 1 point below fp32: {curve['first_bits_gap_over_1pt_measured'] or 'none'}; the fit crosses "
+            f"1 point at {'n/a' if fitted is None else f'{fitted:.2f}'} bits."
+        )
+    return [*lines, ""]
+
+
+def _qat_section(results: dict[str, Any]) -> list[str]:
+    lines = [
         "## Quantization-aware training",
         "",
-        "From the baseline, fake-quant on every Conv2d and Linear, evaluated on the test set after each epoch (the same split as PTQ).",
+        "From the baseline, fake-quant on every Conv2d and Linear, evaluated on the test set after each epoch "
+        "(the same split as PTQ).",
         "",
     ]
-    if results["qat"]:
-        rows = [
-            {
-                "bits": b,
-                "PTQ top-1 %": _pct(q["ptq_acc1"]),
-                "QAT last epoch %": _pct(q["acc1_per_epoch"][-1] if q["acc1_per_epoch"] else None),
-                "QAT converted %": _pct(q["converted_acc1"]),
-                "epochs to match PTQ": q["epochs_to_match_ptq"] or "not reached",
-                "epochs to match fp32": q["epochs_to_match_fp32"] or "not reached",
-            }
-            for b, q in results["qat"].items()
-        ]
-        lines += [markdown_table(rows, list(rows[0]))]
-    else:
-        lines += ["(no QAT results)", ""]
-    lines += ["## fp16 vs bf16", ""]
-    if results["precision_note"]:
-        lines += [f"Note: {results['precision_note']}.", ""]
-    if results["precision"]:
+    if not results["qat"]:
+        return [*lines, "(no QAT results)", ""]
+    rows = [
+        {
+            "bits": b,
+            "PTQ top-1 %": _pct(q["ptq_acc1"]),
+            "QAT last epoch %": _pct(q["acc1_per_epoch"][-1] if q["acc1_per_epoch"] else None),
+            "QAT converted %": _pct(q["converted_acc1"]),
+            "epochs to match PTQ": q["epochs_to_match_ptq"] or "not reached",
+            "epochs to match fp32": q["epochs_to_match_fp32"] or "not reached",
+        }
+        for b, q in results["qat"].items()
+    ]
+    return [*lines, markdown_table(rows, list(rows[0]))]
+
+
+def _precision_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## fp16 vs bf16", ""]
+    runs = results["precision"]
+    lines += [f"Note: {note}." for note in sorted({r["note"] for r in runs.values() if r.get("note")})]
+    if runs:
         rows = [
             {
                 "precision": p,
@@ -256,13 +329,10 @@ def _markdown(results: dict[str, Any], images: list[str]) -> str:
                 "GradScaler skipped steps": r["scaler"]["skipped_steps"],
                 "scale changes": r["scaler"]["scale_increases"] + r["scaler"]["scale_decreases"],
             }
-            for p, r in results["precision"].items()
+            for p, r in runs.items()
         ]
-        lines += [
-            markdown_table(rows, list(rows[0])),
-            "Sampled values cast to each format (% of finite non-zero values):",
-            "",
-        ]
+        lines += ["", markdown_table(rows, list(rows[0]))]
+        lines += ["Sampled values cast to each format (% of finite non-zero values):", ""]
         rows = [
             {
                 "trained in": p,
@@ -273,67 +343,77 @@ def _markdown(results: dict[str, Any], images: list[str]) -> str:
                 "underflow to 0 %": f"{100 * v['underflow_share']:.4f}",
                 "subnormal %": f"{100 * v['subnormal_share']:.4f}",
             }
-            for p, r in results["precision"].items()
+            for p, r in runs.items()
             for k, v in r["values"].items()
         ]
         lines += [markdown_table(rows, list(rows[0])) if rows else ""]
-    by_name = {r["recipe"]: r for r in results["ptq"]}
     casts = [
-        f"{n}: top-1 {_pct(by_name[n].get('acc1'))}%, {by_name[n].get('size_mib') or 0:.2f} MiB"
-        for n in ("fp16", "bf16")
-        if n in by_name
+        f"{r['recipe']}: top-1 {_pct(r.get('acc1'))}%, {r.get('size_mib') or 0:.2f} MiB"
+        for r in results["ptq"]
+        if r["recipe"] in ("fp16", "bf16")
     ]
     if casts:
         lines += ["PTQ casts of the baseline: " + "; ".join(casts) + ".", ""]
+    return lines
+
+
+def _markdown(results: dict[str, Any], images: list[str]) -> str:
+    lines = _header(results) + _ptq_section(results) + _bit_curve_section(results)
+    lines += _qat_section(results) + _precision_section(results)
     lines += ["## Plots", ""] + [f"![{name}]({name}.png)" for name in images] + [""]
     if results["errors"]:
         lines += ["## Stages that failed", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()] + [""]
     return "\n".join(lines)
 
 
-def build_report(study: Study) -> Path:
-    """Write results.json, report.md and the PNGs into the study directory, and the figures,
-    scalars and hparams into ``<study_dir>/tensorboard/report``; returns report.md's path."""
-    results = collect(study)
-    figures = _figures(results)
-    writer = SummaryWriter(str(study.dir / "tensorboard" / "report"))
+def _tensorboard(root: Path, results: dict[str, Any], figures: dict[str, plt.Figure], report: str) -> None:
+    writer = SummaryWriter(str(root / "tensorboard"))
     for name, fig in figures.items():
-        fig.tight_layout()
-        fig.savefig(study.dir / f"{name}.png", dpi=110)
         writer.add_figure(f"study/{name}", fig)
-        plt.close(fig)
-    report = _markdown(results, list(figures))
-    (study.dir / "report.md").write_text(report)
-    (study.dir / "results.json").write_text(json.dumps(results, indent=2))
     metrics = {f"ptq/{r['recipe']}/acc1": r["acc1"] for r in results["ptq"] if r.get("acc1") is not None}
-    metrics.update(
-        {
-            f"qat/int{b}/converted_acc1": q["converted_acc1"]
-            for b, q in results["qat"].items()
-            if q["converted_acc1"] is not None
-        }
-    )
+    for bits, q in results["qat"].items():
+        if q["converted_acc1"] is not None:
+            metrics[f"qat/int{bits}/converted_acc1"] = q["converted_acc1"]
+    cfg = results["config"]
     hparams = {
-        "seed": study.config.seed,
-        "baseline_epochs": study.config.baseline.epochs,
-        "qat_epochs": study.config.qat.epochs,
-        "qat_lr": study.config.qat.lr,
-        "synthetic": study.config.data.synthetic,
+        "seed": cfg.get("seed"),
+        "baseline_epochs": cfg.get("baseline", {}).get("epochs"),
+        "qat_epochs": cfg.get("qat", {}).get("epochs"),
+        "qat_lr": cfg.get("qat", {}).get("lr"),
+        "synthetic": cfg.get("data", {}).get("synthetic"),
     }
     if metrics:
         writer.add_hparams(hparams, metrics, run_name=".")
     writer.add_text("study/report", report)
     writer.close()
-    _print_summary(study.dir, results)
-    return study.dir / "report.md"
 
 
-def _print_summary(directory: Path, results: dict[str, Any]) -> None:
-    print(f"\nReport: {directory / 'report.md'}")
+def build_report(study_dir: str | Path) -> Path:
+    """Write results.json, report.md and the PNGs into ``study_dir``, and the figures, scalars and
+    hparams into ``<study_dir>/tensorboard``; returns report.md's path."""
+    root = Path(study_dir)
+    results = collect(root)
+    figures = _figures(results)
+    for name, fig in figures.items():
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
+        atomic_write_bytes(root / f"{name}.png", png.getvalue())
+    report = _markdown(results, list(figures))
+    atomic_write_text(root / "report.md", report)
+    atomic_write_text(root / "results.json", json.dumps(results, indent=2))
+    _tensorboard(root, results, figures, report)
+    for fig in figures.values():
+        plt.close(fig)
+    _print_summary(root, results)
+    return root / "report.md"
+
+
+def _print_summary(root: Path, results: dict[str, Any]) -> None:
+    print(f"\nReport: {root / 'report.md'}")
     for r in results["ptq"]:
         size = "" if r.get("size_mib") is None else f"{r['size_mib']:7.2f} MiB"
-        print(f"  PTQ {r['recipe']:<12} top-1 {_pct(r.get('acc1')):>6}%  {size}  {r.get('error') or ''}")
-    for b, q in results["qat"].items():
-        print(
-            f"  QAT int{b:<9} top-1 {_pct(q['converted_acc1']):>6}%  epochs to match PTQ: {q['epochs_to_match_ptq'] or 'not reached'}"
-        )
+        print(f"  PTQ {r['recipe']:<28} top-1 {_pct(r.get('acc1')):>6}%  {size}  {r.get('error') or ''}")
+    for bits, q in results["qat"].items():
+        matched = q["epochs_to_match_ptq"] or "not reached"
+        print(f"  QAT int{bits:<25} top-1 {_pct(q['converted_acc1']):>6}%  epochs to match PTQ: {matched}")

@@ -1,21 +1,25 @@
 """``python -m qlight study``: the whole quantization study in stages that resume where they stopped.
 
-Stages write their results under ``study_dir`` and are skipped when those results exist:
-``baseline`` (train or take a checkpoint), ``ptq`` (the PTQ sweep), ``qat`` (QAT per bit-width from
-the baseline), ``precision`` (fp16 vs bf16 training) and ``report`` (always rebuilt from the files).
+Each stage writes into its own folder of ``study_dir`` (``baseline``, ``ptq``, ``qat_int<N>``,
+``precision_<P>``) and ends by writing ``stage.json``, which records the settings that determine the
+stage's results (its fingerprint, including those of the stages it builds on). A stage is skipped
+when its ``stage.json`` says done with the same fingerprint; a stage that was stopped resumes from
+its ``checkpoints/last.ckpt``, saved every epoch. ``report`` is rebuilt from the files every time.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import shutil
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -26,10 +30,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from qlight.classifier import ImageClassifier
 from qlight.data import CIFAR100DataModule
 from qlight.errors import QlightError
+from qlight.files import atomic_write_text
 from qlight.quantization import PostTrainingQuantization, QuantizationAwareTraining
 from qlight.study.numerics import PrecisionStats
+from qlight.study.report import FIGURES, build_report
 
 STAGES = ("baseline", "ptq", "qat", "precision", "report")
+PRECISIONS = ("16-mixed", "bf16-mixed", "32-true", "16-true", "bf16-true")
+# Trainer settings that change what is printed, not what is computed: they do not redo stages.
+COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
+STUDY_SETS_TRAINER_KEYS = {"max_epochs", "callbacks", "logger", "default_root_dir"}
+# Top-level files and folders a study writes (besides its stage folders).
+STUDY_FILES = {"study_config.json", "errors.json", "report.md", "results.json", "tensorboard", "logs"} | {
+    f"{name}.png" for name in FIGURES
+}
 CPU_PRECISION_NOTE = (
     "Lightning refuses 16-mixed on the CPU and bf16 autocast trains VGG-11 at a few images/s there, so "
     "the CPU study trains once in 32-true and measures fp16/bf16 overflow and underflow by casting the "
@@ -41,7 +55,9 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m qlight study", description="Run the quantization study.")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--study_dir", type=str, default="logs/study", help="where every stage writes")
-    parser.add_argument("--overwrite", type=bool, default=False, help="replace a study made with another config")
+    parser.add_argument(
+        "--overwrite", type=bool, default=False, help="redo the stages whose settings changed (their folders only)"
+    )
     parser.add_argument("--stages", type=list[Literal[STAGES]], default=list(STAGES), help="stages to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trainer", type=dict, default={}, help="Trainer arguments shared by every run")
@@ -49,7 +65,7 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(CIFAR100DataModule, "data")
     parser.add_argument("--baseline.epochs", type=int, default=200)
     parser.add_argument(
-        "--baseline.ckpt", type=Optional[str], default=None, help="take this checkpoint instead of training"
+        "--baseline.ckpt", type=str | None, default=None, help="take this checkpoint instead of training"
     )
     parser.add_argument(
         "--ptq.recipes",
@@ -60,10 +76,40 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--qat.bits", type=list[int], default=[8, 4, 3, 2])
     parser.add_argument("--qat.epochs", type=int, default=20)
     parser.add_argument("--qat.lr", type=float, default=0.001)
-    parser.add_argument("--precision.precisions", type=list[str], default=["16-mixed", "bf16-mixed"])
+    parser.add_argument("--precision.precisions", type=list[Literal[PRECISIONS]], default=["16-mixed", "bf16-mixed"])
     parser.add_argument("--precision.epochs", type=int, default=30)
     parser.add_argument("--precision.sample_every_n_steps", type=int, default=50)
     return parser
+
+
+@dataclass
+class Stage:
+    """One resumable piece of the study."""
+
+    name: str  # also its folder
+    fingerprint: dict[str, Any]  # the settings its results depend on
+    run: Callable[[], None] = field(repr=False)
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _unsafe_to_clear(directory: Path) -> str | None:
+    cwd = Path.cwd().resolve()
+    if directory == cwd or directory in cwd.parents or directory == Path.home().resolve():
+        return "the current directory or one above it"
+    if (directory / ".git").exists() or (directory / "pyproject.toml").exists():
+        return "a project folder"
+    return None
 
 
 class Study:
@@ -74,38 +120,157 @@ class Study:
         self.dir = Path(config.study_dir)
         self.errors: dict[str, str] = {}
 
-    # --- bookkeeping -------------------------------------------------------------------------
-    def _fingerprint(self) -> dict[str, Any]:
-        skip = {"config", "overwrite", "stages", "study_dir", "__path__"}
-        return json.loads(json.dumps({k: v for k, v in self.config.as_dict().items() if k not in skip}, default=str))
+    # --- settings ----------------------------------------------------------------------------
+    def _common(self) -> dict[str, Any]:
+        trainer = {k: v for k, v in self.config.trainer.items() if k not in COSMETIC_TRAINER_KEYS}
+        return _plain(
+            {"seed": self.config.seed, "model": self.config.model, "data": self.config.data, "trainer": trainer}
+        )
 
-    def _claim_directory(self) -> None:
-        path = self.dir / "study_config.json"
-        if path.is_file() and json.loads(path.read_text()) != self._fingerprint():
-            if not self.config.overwrite:
-                raise QlightError(
-                    f"{self.dir} holds a study made with another config: choose another study_dir or pass --overwrite true"
-                )
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self._fingerprint(), indent=2))
+    def stages(self) -> list[Stage]:
+        """Every stage of this configuration, in order (the report is not one: it is always rebuilt)."""
+        cfg = self.config
+        baseline = {**self._common(), "baseline": _plain(cfg.baseline)}
+        stages = [
+            Stage("baseline", baseline, self.train_baseline),
+            Stage("ptq", {"baseline": baseline, "ptq": _plain(cfg.ptq)}, self.run_ptq),
+        ]
+        qat = {"epochs": cfg.qat.epochs, "lr": cfg.qat.lr}
+        for bits in cfg.qat.bits:
+            fingerprint = {"baseline": baseline, "qat": {**qat, "bits": bits}}
+            stages.append(Stage(f"qat_int{bits}", fingerprint, functools.partial(self.run_qat, bits)))
+        precision = {"epochs": cfg.precision.epochs, "sample_every_n_steps": cfg.precision.sample_every_n_steps}
+        for name in self.precisions():
+            fingerprint = {**self._common(), "precision": {**precision, "precision": name}}
+            stages.append(Stage(f"precision_{name}", fingerprint, functools.partial(self.run_precision, name)))
+        return stages
 
-    def _stage(self, name: str, done: Path | None, work: Callable[[], None]) -> None:
-        if done is not None and done.exists():
-            print(f"[study] {name}: skipped ({done.relative_to(self.dir)} exists)", flush=True)
+    def selected(self, stage: Stage) -> bool:
+        return stage.name.split("_")[0] in self.config.stages
+
+    def on_gpu(self) -> bool:
+        return torch.cuda.is_available() and self.config.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+
+    def precisions(self) -> list[str]:
+        return list(self.config.precision.precisions) if self.on_gpu() else ["32-true"]
+
+    def validate(self) -> None:
+        """Check the whole configuration before any stage runs, so that a typo in a late stage's
+        settings is found before hours of training, not after."""
+        cfg = self.config
+        unknown = set(cfg.trainer) - set(inspect.signature(Trainer.__init__).parameters)
+        if unknown:
+            raise QlightError(f"unknown trainer settings {sorted(unknown)}; see lightning.pytorch.Trainer")
+        reserved = set(cfg.trainer) & STUDY_SETS_TRAINER_KEYS
+        if reserved:
+            raise QlightError(f"the study sets trainer {sorted(reserved)} itself: set the stages' epochs instead")
+        for key in ("baseline.epochs", "qat.epochs", "precision.epochs", "precision.sample_every_n_steps"):
+            if cfg[key] < 1:
+                raise QlightError(f"{key} must be at least 1, got {cfg[key]}")
+        if cfg.baseline.ckpt and not Path(cfg.baseline.ckpt).is_file():
+            raise QlightError(f"baseline checkpoint {cfg.baseline.ckpt} does not exist")
+        PostTrainingQuantization(cfg.ptq.recipes, calibration_batches=cfg.ptq.calibration_batches)
+        for bits in cfg.qat.bits:
+            QuantizationAwareTraining(weight_bits=bits)
+        self._model(lr=cfg.qat.lr)
+        CIFAR100DataModule(**cfg.data.as_dict())
+
+    # --- the directory -----------------------------------------------------------------------
+    def _claim_directory(self, stages: list[Stage]) -> None:
+        """Create ``study_dir``; find stages made with other settings and, with ``overwrite``, remove
+        their folders (and only those: files the study did not write are never touched)."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise QlightError(f"cannot create {self.dir}: {err.strerror or err}") from None
+        changed = []
+        for stage in stages:
+            folder = self.dir / stage.name
+            if folder.exists():
+                marker = _read_marker(folder / "stage.json")
+                if marker is None or marker.get("fingerprint") != stage.fingerprint:
+                    changed.append(stage.name)
+        if changed and not self.config.overwrite:
+            raise QlightError(
+                f"{self.dir} holds stages made with other settings ({', '.join(changed)}): pass --overwrite true "
+                "to redo just those, or choose another study_dir"
+            )
+        if changed:
+            self._remove_stages(changed)
+        atomic_write_text(self.dir / "study_config.json", json.dumps(_plain(self.config.as_dict()), indent=2))
+        atomic_write_text(self.dir / "errors.json", "{}")  # this run's failures only
+
+    def _remove_stages(self, names: list[str]) -> None:
+        root = self.dir.resolve()
+        unsafe = _unsafe_to_clear(root)
+        if unsafe:
+            raise QlightError(f"refusing to overwrite in {self.dir}: it is {unsafe}; choose a study_dir of its own")
+        stage_names = {stage.name for stage in self.stages()}
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in STUDY_FILES | stage_names)
+        if foreign:
+            raise QlightError(
+                f"refusing to overwrite in {self.dir}: it holds files the study did not write "
+                f"({', '.join(foreign[:5])})"
+            )
+        ckpt = Path(self.config.baseline.ckpt).resolve() if self.config.baseline.ckpt else None
+        for name in names:
+            if ckpt is not None and (root / name) in ckpt.parents:
+                raise QlightError(f"refusing to overwrite {self.dir / name}: it holds baseline.ckpt {ckpt}")
+        for name in names:
+            print(f"[study] {name}: made with other settings, removing {self.dir / name}", flush=True)
+            try:
+                shutil.rmtree(root / name)
+            except OSError as err:
+                raise QlightError(f"cannot remove {self.dir / name}: {err.strerror or err}") from None
+
+    # --- running -----------------------------------------------------------------------------
+    def _run_stage(self, stage: Stage) -> None:
+        folder = self.dir / stage.name
+        marker_path = folder / "stage.json"
+        marker = _read_marker(marker_path)
+        if marker and marker.get("done") and marker.get("fingerprint") == stage.fingerprint:
+            print(f"[study] {stage.name}: skipped (done)", flush=True)
             return
-        print(f"[study] {name}: running", flush=True)
+        resuming = (folder / "checkpoints" / "last.ckpt").is_file()
+        print(f"[study] {stage.name}: {'resuming' if resuming else 'running'}", flush=True)
+        atomic_write_text(marker_path, json.dumps({"fingerprint": stage.fingerprint, "done": False}, indent=2))
         start = time.perf_counter()
         try:
-            work()
+            stage.run()
         except Exception as err:  # a failed stage is reported and the others go on
-            self.errors[name] = f"{type(err).__name__}: {err}".splitlines()[0]
-            (self.dir / "logs").mkdir(exist_ok=True)
-            (self.dir / "logs" / f"{name}.traceback.txt").write_text(traceback.format_exc())
-            print(f"[study] {name}: FAILED after {time.perf_counter() - start:.0f}s: {self.errors[name]}", flush=True)
+            self._record_failure(stage.name, err, start)
         else:
-            print(f"[study] {name}: done in {time.perf_counter() - start:.0f}s", flush=True)
-        (self.dir / "errors.json").write_text(json.dumps(self.errors, indent=2))
+            atomic_write_text(marker_path, json.dumps({"fingerprint": stage.fingerprint, "done": True}, indent=2))
+            print(f"[study] {stage.name}: done in {time.perf_counter() - start:.0f}s", flush=True)
+        atomic_write_text(self.dir / "errors.json", json.dumps(self.errors, indent=2))
+
+    def _record_failure(self, name: str, err: Exception, start: float) -> None:
+        self.errors[name] = f"{type(err).__name__}: {err}".splitlines()[0]
+        atomic_write_text(self.dir / "logs" / f"{name}.traceback.txt", traceback.format_exc())
+        print(f"[study] {name}: FAILED after {time.perf_counter() - start:.0f}s: {self.errors[name]}", flush=True)
+
+    def run(self) -> int:
+        """Run the selected stages; returns 0 when every stage succeeded, 1 otherwise."""
+        self.validate()
+        stages = self.stages()
+        self._claim_directory(stages)
+        for stage in stages:
+            if self.selected(stage):
+                self._run_stage(stage)
+        if "report" in self.config.stages:
+            self._build_report()
+        return 1 if self.errors else 0
+
+    def _build_report(self) -> None:
+        print("[study] report: running", flush=True)
+        start = time.perf_counter()
+        try:
+            build_report(self.dir)
+        except Exception as err:
+            self._record_failure("report", err, start)
+            atomic_write_text(self.dir / "errors.json", json.dumps(self.errors, indent=2))
+        else:
+            print(f"[study] report: done in {time.perf_counter() - start:.0f}s", flush=True)
 
     # --- building blocks ---------------------------------------------------------------------
     @functools.cached_property
@@ -121,13 +286,16 @@ class Study:
         return Trainer(
             max_epochs=max_epochs,
             callbacks=callbacks,
-            logger=TensorBoardLogger(self.dir / "tensorboard", name=name, version=""),
+            logger=TensorBoardLogger(self.dir / name, name="tensorboard", version=""),
             default_root_dir=self.dir / name,
             **settings,
         )
 
-    def on_gpu(self) -> bool:
-        return torch.cuda.is_available() and self.config.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+    def _last(self, name: str) -> tuple[ModelCheckpoint, str | None]:
+        """A checkpoint written after every epoch, and the path to resume from when one exists."""
+        folder = self.dir / name / "checkpoints"
+        last = ModelCheckpoint(folder, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+        return last, str(folder / "last.ckpt") if (folder / "last.ckpt").is_file() else None
 
     @property
     def baseline_ckpt(self) -> Path:
@@ -136,114 +304,64 @@ class Study:
     # --- stages ------------------------------------------------------------------------------
     def train_baseline(self) -> None:
         out = self.dir / "baseline"
-        out.mkdir(parents=True, exist_ok=True)
         seed_everything(self.config.seed)
-        trainer = self._trainer(
-            "baseline",
-            self.config.baseline.epochs,
-            [ModelCheckpoint(out / "checkpoints", monitor="val/acc1", mode="max")],
-        )
+        best = ModelCheckpoint(out, filename="baseline", monitor="val/acc1", mode="max", enable_version_counter=False)
+        last, resume = self._last("baseline")
+        trainer = self._trainer("baseline", self.config.baseline.epochs, [best, last])
         model, data = self._model(), self.data
         start = time.perf_counter()
         if not self.config.baseline.ckpt:
-            trainer.fit(model, data)
-            shutil.move(trainer.checkpoint_callback.best_model_path, self.baseline_ckpt)
-        elif not self.baseline_ckpt.is_file():
-            raise QlightError(f"baseline checkpoint {self.baseline_ckpt} does not exist")
-        seconds = time.perf_counter() - start
+            trainer.fit(model, data, ckpt_path=resume)
         test = trainer.test(model, data, ckpt_path=str(self.baseline_ckpt), verbose=False)[0]
         summary = {
             "checkpoint": str(self.baseline_ckpt),
             "test_acc1": test["test/acc1"],
             "test_acc5": test["test/acc5"],
-            "train_seconds": seconds,
+            "train_seconds": time.perf_counter() - start,
         }
-        (out / "baseline.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / "baseline.json", json.dumps(summary, indent=2))
 
     def run_ptq(self) -> None:
         ptq = PostTrainingQuantization(
             self.config.ptq.recipes,
             run_on=["test"],
             calibration_batches=self.config.ptq.calibration_batches,
-            output_dir=str(self.dir / "ptq.tmp"),
+            output_dir=str(self.dir / "ptq"),
         )
         self._trainer("ptq", 1, [ptq]).test(self._model(), self.data, ckpt_path=str(self.baseline_ckpt), verbose=False)
-        (self.dir / "ptq.tmp").rename(self.dir / "ptq")
 
     def run_qat(self, bits: int) -> None:
-        out = self.dir / f"qat_int{bits}"
+        name = f"qat_int{bits}"
         qat = QuantizationAwareTraining(
-            weight_bits=bits, baseline_ckpt=str(self.baseline_ckpt), eval_split="test", output_dir=str(out)
+            weight_bits=bits, baseline_ckpt=str(self.baseline_ckpt), eval_split="test", output_dir=str(self.dir / name)
         )
-        last = out / "checkpoints" / "last.ckpt"
+        last, resume = self._last(name)
         seed_everything(self.config.seed)
-        trainer = self._trainer(
-            f"qat_int{bits}",
-            self.config.qat.epochs,
-            [qat, ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)],
-        )
-        trainer.fit(
-            self._model(lr=self.config.qat.lr, warmup_epochs=0),
-            self.data,
-            ckpt_path=str(last) if last.is_file() else None,
-        )
+        trainer = self._trainer(name, self.config.qat.epochs, [qat, last])
+        trainer.fit(self._model(lr=self.config.qat.lr, warmup_epochs=0), self.data, ckpt_path=resume)
 
     def run_precision(self, precision: str) -> None:
-        out = self.dir / "precision"
-        out.mkdir(exist_ok=True)
+        name = f"precision_{precision}"
         stats = PrecisionStats(self.config.precision.sample_every_n_steps)
+        last, resume = self._last(name)
         seed_everything(self.config.seed)
-        trainer = self._trainer(
-            f"precision_{precision}",
-            self.config.precision.epochs,
-            [stats],
-            precision=precision,
-            enable_checkpointing=False,
-        )
+        trainer = self._trainer(name, self.config.precision.epochs, [stats, last], precision=precision)
         if self.on_gpu():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        trainer.fit(self._model(), self.data)
+        trainer.fit(self._model(), self.data, ckpt_path=resume)
         seconds = time.perf_counter() - start
         summary = {
             "precision": precision,
             "device": torch.cuda.get_device_name() if self.on_gpu() else "cpu",
+            "note": None if self.on_gpu() else CPU_PRECISION_NOTE,
             "epochs": trainer.current_epoch,
             "val_acc1": float(trainer.callback_metrics["val/acc1"]),
             "seconds_per_epoch": seconds / max(trainer.current_epoch, 1),
             "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if self.on_gpu() else None,
             **stats.summary(),
         }
-        (out / f"{precision}.json").write_text(json.dumps(summary, indent=2))
-
-    def precisions(self) -> tuple[list[str], str | None]:
-        if self.on_gpu():
-            return list(self.config.precision.precisions), None
-        return ["32-true"], CPU_PRECISION_NOTE
-
-    def run(self) -> int:
-        """Run the selected stages; returns 0 when every stage succeeded, 1 otherwise."""
-        self._claim_directory()
-        stages = set(self.config.stages)
-        if "baseline" in stages:
-            self._stage("baseline", self.dir / "baseline" / "baseline.json", self.train_baseline)
-        if "ptq" in stages:
-            self._stage("ptq", self.dir / "ptq" / "results.csv", self.run_ptq)
-        if "qat" in stages:
-            for bits in self.config.qat.bits:
-                self._stage(f"qat_int{bits}", self.dir / f"qat_int{bits}" / "model.pt", lambda b=bits: self.run_qat(b))
-        if "precision" in stages:
-            for precision in self.precisions()[0]:
-                self._stage(
-                    f"precision_{precision}",
-                    self.dir / "precision" / f"{precision}.json",
-                    lambda p=precision: self.run_precision(p),
-                )
-        if "report" in stages:
-            from qlight.study.report import build_report
-
-            self._stage("report", None, lambda: build_report(self))
-        return 1 if self.errors else 0
+        atomic_write_text(self.dir / name / "summary.json", json.dumps(summary, indent=2))
 
 
 def study_main(argv: list[str]) -> int:
@@ -251,7 +369,6 @@ def study_main(argv: list[str]) -> int:
     study = Study(config)
     code = study.run()
     if code:
-        print(
-            f"[study] incomplete: {', '.join(study.errors)} failed (see {study.dir / 'errors.json'})", file=sys.stderr
-        )
+        failed = ", ".join(study.errors)
+        print(f"[study] incomplete: {failed} failed (see {study.dir / 'errors.json'})", file=sys.stderr)
     return code

@@ -1,0 +1,127 @@
+"""Files that a crash cannot leave half-written, and loading that cannot run code from a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import socket
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlight.errors import QlightError
+
+SAFE_GLOBALS_ENV = "QLIGHT_SAFE_GLOBALS"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place: readers see
+    the old file or the new one, never a part (a crash leaves at most a stray ``.tmp`` file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise QlightError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _allowed_globals() -> list[Any]:
+    # Globals the user vouched for by name (module.Name, comma separated), after trusting the file.
+    allowed = []
+    for name in filter(None, (n.strip() for n in os.environ.get(SAFE_GLOBALS_ENV, "").split(","))):
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(__import__(module or "builtins", fromlist=[attr]), attr))
+        except (ImportError, AttributeError, ValueError):
+            raise QlightError(f"{SAFE_GLOBALS_ENV} names {name!r}, which cannot be imported") from None
+    return allowed
+
+
+def load_torch_file(path: str | Path, what: str = "file", map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain data only, so a crafted file cannot run
+    code. Any other global must be allowed by name in ``$QLIGHT_SAFE_GLOBALS``; every failure is a
+    one-line :class:`QlightError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise QlightError(f"{what} {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if unsafe:
+            raise QlightError(
+                f"{what} {path} holds Python objects beyond tensors and plain data ({unsafe.group(1)}), which "
+                f"qlight does not unpickle; if you trust the file, allow it: {SAFE_GLOBALS_ENV}={unsafe.group(1)}"
+            ) from None
+        raise QlightError(f"{what} {path} is not a PyTorch file or is corrupt") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile):
+        raise QlightError(f"{what} {path} is not a PyTorch file or is truncated") from None
+
+
+def _create_lock(lock: Path, owner: str) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    except OSError as err:
+        raise QlightError(f"cannot write into {lock.parent}: {err.strerror or err}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()} {owner}")
+    return True
+
+
+def _holder_is_gone(lock: Path) -> bool:
+    try:
+        host, pid, *_ = lock.read_text().split() + ["", ""]
+    except FileNotFoundError:  # released meanwhile
+        return True
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def exclusive_dir(directory: str | Path, owner: str) -> Iterator[Path]:
+    """Hold ``directory/.qlight.lock`` while writing into ``directory``, so that a second run gets a
+    one-line error instead of interleaving its files with this one's. A lock whose process is gone
+    (killed) is taken over."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise QlightError(f"cannot create {directory}: {err.strerror or err}") from None
+    lock = directory / ".qlight.lock"
+    if not _create_lock(lock, owner):
+        if _holder_is_gone(lock):
+            lock.unlink(missing_ok=True)
+        if not _create_lock(lock, owner):
+            raise QlightError(
+                f"{directory} is being written by another run ({lock.read_text().strip()}): choose another "
+                f"output directory, or delete {lock} if that run is gone"
+            )
+    try:
+        yield directory
+    finally:
+        lock.unlink(missing_ok=True)
