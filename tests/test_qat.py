@@ -138,6 +138,7 @@ def test_qat_beats_ptq_at_two_bits_on_real_digits(tmp_path, digits_checkpoint):
     converted = rows[-1]
     assert converted["fake_quant"] == "converted"
     assert converted["acc1"] > ptq_acc + 0.01, (converted, ptq_acc)
+    assert converted["images_per_s"] > 0 and converted["latency_ms"] > 0 and converted["device"].startswith("cpu")
     model = load_quantized(tmp_path / "qat" / "model.pt")
     x, y = DigitsNet().test_data.tensors
     with torch.no_grad():

@@ -41,6 +41,7 @@ from qlight.quantization.recipes import (
     quantized_weight_sizes,
 )
 from qlight.quantization.serialization import quantized_bytes
+from qlight.quantization.speed import measure_speed
 from qlight.tables import markdown_table, write_results
 
 COLUMNS = [
@@ -56,6 +57,9 @@ COLUMNS = [
     "compression",
     "quantized_modules",
     "quantized_params",
+    "images_per_s",
+    "latency_ms",
+    "device",
     "seconds",
     "error",
 ]
@@ -86,6 +90,8 @@ class PostTrainingQuantization(Callback):
         eval_batches: limit the test batches per recipe (``None``: all).
         output_dir: where files go; default ``<log_dir>/ptq``. One run at a time writes into it.
         save_models: write each quantized model to disk (its size is measured either way).
+        speed_repeats: timed forwards per recipe for ``images_per_s`` (on one test batch) and
+            ``latency_ms`` (one image), medians on the recipe's device; 0 skips the measurement.
 
     Raises:
         QlightError: for unknown recipes or bad arguments, when the weights hold NaN or Inf, and
@@ -121,8 +127,9 @@ class PostTrainingQuantization(Callback):
         eval_batches: int | None = None,
         output_dir: str | None = None,
         save_models: bool = True,
+        speed_repeats: int = 5,
     ) -> None:
-        parsed = self._validate(recipes, granularity, run_on, calibration_batches, eval_batches)
+        parsed = self._validate(recipes, granularity, run_on, calibration_batches, eval_batches, speed_repeats)
         self.recipes: list[Recipe] = parsed
         self.run_on = set(run_on)
         self.keep_first = keep_first
@@ -131,6 +138,7 @@ class PostTrainingQuantization(Callback):
         self.eval_batches = eval_batches
         self.output_dir = output_dir
         self.save_models = save_models
+        self.speed_repeats = speed_repeats
         self.results: list[dict[str, Any]] = []  # rows of the last run, as written to results.csv
 
     @staticmethod
@@ -140,19 +148,10 @@ class PostTrainingQuantization(Callback):
         run_on: Sequence[str],
         calibration_batches: int,
         eval_batches: int | None,
+        speed_repeats: int,
     ) -> list[Recipe]:
         """Check every argument; returns the recipes to run, ``fp32`` first."""
-        if isinstance(recipes, str) or not recipes:
-            raise QlightError("PostTrainingQuantization needs a list of at least one recipe")
-        granularities = [granularity] if isinstance(granularity, str) else list(granularity)
-        if not granularities:
-            raise QlightError("granularity needs at least one value")
-        parsed = [parse_recipe("fp32")]
-        for name in recipes:
-            for choice in granularities:
-                recipe = parse_recipe(name, check_granularity(choice))
-                if recipe.name not in [r.name for r in parsed]:
-                    parsed.append(recipe)
+        parsed = _expand(recipes, granularity)
         if set(run_on) - {"fit", "test"}:
             raise QlightError(f"run_on takes 'fit' and/or 'test', got {list(run_on)}")
         if calibration_batches < 0:
@@ -162,6 +161,8 @@ class PostTrainingQuantization(Callback):
             raise QlightError(f"{', '.join(calibrated)} need calibration: set calibration_batches to 1 or more")
         if eval_batches is not None and eval_batches < 1:
             raise QlightError(f"eval_batches must be at least 1 (or None for all), got {eval_batches}")
+        if speed_repeats < 0:
+            raise QlightError(f"speed_repeats must be 0 (no measurement) or more, got {speed_repeats}")
         return parsed
 
     @override
@@ -229,12 +230,14 @@ class PostTrainingQuantization(Callback):
             loader = dataloader(trainer, pl_module, "test")
             batches = transferred_batches(trainer, pl_module, loader, self.eval_batches, shard=True)
             accuracy = evaluate(model, ((x.to(device), y.to(device)) for x, y in batches), trainer, recipe.input_dtype)
-            payload = quantized_bytes(model, recipe, inputs.targets, inputs.source, inputs.example.to(device))
+            example = inputs.example.to(device)
+            payload = quantized_bytes(model, recipe, inputs.targets, inputs.source, example)
             if self.save_models and trainer.is_global_zero:
                 atomic_write_bytes(inputs.out / f"{recipe.name}{'.pt2' if recipe.static else '.pt'}", payload)
-            row.update(
-                acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload), **_quantized_counts(model, recipe)
-            )
+            row.update(acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload))
+            row.update(_quantized_counts(model, recipe))
+            if self.speed_repeats:
+                row.update(vars(measure_speed(model, example.to(recipe.input_dtype), self.speed_repeats)))
         except QlightError:
             raise
         except Exception as err:  # one failing recipe must not lose the others
@@ -254,6 +257,22 @@ class _RunInputs:
     calibration: list[torch.Tensor]  # input batches, on the CPU
     example: torch.Tensor  # one test batch, to export static graphs
     out: Path
+
+
+def _expand(recipes: Sequence[str], granularity: str | Sequence[str]) -> list[Recipe]:
+    """The recipes to run, ``fp32`` first: plain weight-only names once per granularity."""
+    if isinstance(recipes, str) or not recipes:
+        raise QlightError("PostTrainingQuantization needs a list of at least one recipe")
+    granularities = [granularity] if isinstance(granularity, str) else list(granularity)
+    if not granularities:
+        raise QlightError("granularity needs at least one value")
+    parsed = [parse_recipe("fp32")]
+    for name in recipes:
+        for choice in granularities:
+            recipe = parse_recipe(name, check_granularity(choice))
+            if recipe.name not in [r.name for r in parsed]:
+                parsed.append(recipe)
+    return parsed
 
 
 def _quantized_counts(model: nn.Module, recipe: Recipe) -> dict[str, int]:

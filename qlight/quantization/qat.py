@@ -39,9 +39,10 @@ from qlight.quantization.lightning_plumbing import (
 )
 from qlight.quantization.recipes import IntxWeightOnly, check_granularity, quantizable_modules
 from qlight.quantization.serialization import quantized_bytes
+from qlight.quantization.speed import measure_speed
 from qlight.tables import write_results
 
-COLUMNS = ["epoch", "split", "fake_quant", "acc1", "acc5", "seconds"]
+COLUMNS = ["epoch", "split", "fake_quant", "acc1", "acc5", "images_per_s", "latency_ms", "device", "seconds"]
 _SETTINGS_BEFORE_0_2 = {"granularity": "per_kernel_position"}  # checkpoints of qlight 0.1 lack the key
 
 
@@ -225,9 +226,11 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         converted = self.convert(pl_module)
-        row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, converted=True)
+        example = example_input(trainer, pl_module)
+        speed = vars(measure_speed(converted, example))
+        row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, converted=True, extra=speed)
         targets = self._targets(pl_module)
-        payload = quantized_bytes(converted, self.recipe, targets, pl_module, example_input(trainer, pl_module))
+        payload = quantized_bytes(converted, self.recipe, targets, pl_module, example)
         if trainer.is_global_zero:
             path = self._out(trainer) / "model.pt"
             atomic_write_bytes(path, payload)
@@ -266,7 +269,9 @@ class QuantizationAwareTraining(Callback):
         split: str,
         epoch: int,
         converted: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """Evaluate ``model`` on ``split``; add its row, with the ``extra`` columns, to the table."""
         start = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -277,14 +282,8 @@ class QuantizationAwareTraining(Callback):
             state = "converted"
         else:
             state = "on" if epoch >= self.start_epoch else "off"
-        row = {
-            "epoch": epoch,
-            "split": split,
-            "fake_quant": state,
-            "acc1": accuracy.acc1,
-            "acc5": accuracy.acc5,
-            "seconds": round(time.perf_counter() - start, 2),
-        }
+        row = {"epoch": epoch, "split": split, "fake_quant": state, "acc1": accuracy.acc1, "acc5": accuracy.acc5}
+        row.update(extra or {}, seconds=round(time.perf_counter() - start, 2))
         self.results.append(row)
         prefix = "qat/converted" if converted else "qat"
         metrics = {f"{prefix}/acc1": accuracy.acc1, f"{prefix}/acc5": accuracy.acc5}

@@ -87,7 +87,9 @@ def quantized_bytes(
     """
     buffer = io.BytesIO()
     if recipe.static:
-        torch.export.save(export_batched(model, example_input), buffer)
+        program = export_batched(model, example_input)
+        program.example_inputs = None  # torch.export.save would store the whole example batch
+        torch.export.save(program, buffer)
         return buffer.getvalue()
     payload = {
         "format": FORMAT,
