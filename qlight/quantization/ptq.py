@@ -49,6 +49,7 @@ COLUMNS = [
     "bits",
     "granularity",
     "method",
+    "runtime",
     "acc1",
     "acc5",
     "delta_acc1",
@@ -60,6 +61,7 @@ COLUMNS = [
     "images_per_s",
     "latency_ms",
     "device",
+    "quantize_seconds",
     "seconds",
     "error",
 ]
@@ -70,15 +72,18 @@ class PostTrainingQuantization(Callback):
 
     Works with any LightningModule whose ``forward(x)`` returns class logits and whose test batches
     are ``(inputs, targets)``. For every recipe it writes ``<output_dir>/<recipe>.pt`` (``.pt2`` for
-    static recipes; load either with :func:`qlight.load_quantized`), logs ``ptq/<recipe>/acc1``,
+    static recipes, ``.onnx`` for those run by ONNX Runtime; load any with
+    :func:`qlight.load_quantized`), logs ``ptq/<recipe>/acc1``,
     ``acc5`` and ``size_mib``, and writes ``results.csv`` and ``results.md``. ``fp32`` (the
     unquantized copy) is always evaluated first as the reference for ``delta_acc1``. A recipe that
     fails (or gives NaN/Inf logits) records its error in its row and the others go on.
 
     Args:
         recipes: names from :func:`qlight.quantization.valid_recipe_names`: ``fp32``, ``fp16``,
-            ``bf16``, ``int2``..``int8`` (weight-only), ``int8_static``, ``w4a8_static``. A weight-only
-            name may end in ``@per_channel`` or ``@per_kernel_position``.
+            ``bf16``, ``int2``..``int8`` (weight-only), ``int8_static``, ``w4a8_static`` (PT2E graphs
+            that run on the CPU; with ``_inductor`` compiled to int8 kernels, with ``_onnx`` exported
+            to ONNX Runtime). A weight-only name may end in ``@per_channel`` or
+            ``@per_kernel_position``.
         granularity: which weights share a scale in weight-only recipes without a suffix:
             ``per_channel`` (one scale per output channel; over in x kh x kw on a conv) or
             ``per_kernel_position`` (one per output channel and kernel position); a list runs each.
@@ -91,7 +96,9 @@ class PostTrainingQuantization(Callback):
         output_dir: where files go; default ``<log_dir>/ptq``. One run at a time writes into it.
         save_models: write each quantized model to disk (its size is measured either way).
         speed_repeats: timed forwards per recipe for ``images_per_s`` (on one test batch) and
-            ``latency_ms`` (one image), medians on the recipe's device; 0 skips the measurement.
+            ``latency_ms`` (one image), medians on the recipe's device after an untimed warm-up (so
+            a compiled recipe's compile time shows in ``quantize_seconds`` and ``seconds``, not in
+            its speed); 0 skips the measurement.
 
     Raises:
         QlightError: for unknown recipes or bad arguments, when the weights hold NaN or Inf, and
@@ -222,18 +229,21 @@ class PostTrainingQuantization(Callback):
             "bits": recipe.bits,
             "granularity": recipe.granularity,
             "method": recipe.method,
+            "runtime": recipe.runtime,
         }
         try:
             device = torch.device("cpu") if recipe.static else pl_module.device
             model = copy.deepcopy(inputs.source).to(device).eval()
+            start_quantize = time.perf_counter()
             model = recipe.quantize(model, inputs.targets, [x.to(device) for x in inputs.calibration])
+            row["quantize_seconds"] = round(time.perf_counter() - start_quantize, 2)
             loader = dataloader(trainer, pl_module, "test")
             batches = transferred_batches(trainer, pl_module, loader, self.eval_batches, shard=True)
             accuracy = evaluate(model, ((x.to(device), y.to(device)) for x, y in batches), trainer, recipe.input_dtype)
             example = inputs.example.to(device)
             payload = quantized_bytes(model, recipe, inputs.targets, inputs.source, example)
             if self.save_models and trainer.is_global_zero:
-                atomic_write_bytes(inputs.out / f"{recipe.name}{'.pt2' if recipe.static else '.pt'}", payload)
+                atomic_write_bytes(inputs.out / f"{recipe.name}{recipe.suffix}", payload)
             row.update(acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload))
             row.update(_quantized_counts(model, recipe))
             if self.speed_repeats:

@@ -11,7 +11,7 @@ import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from torchao.quantization import IntxUnpackedToInt8Tensor
 
 from qlight.errors import QlightError
 from qlight.quantization.intx import GRANULARITIES, MAX_BITS, MIN_BITS, Granularity, groupable, intx_weight, set_weight
+from qlight.quantization.runtimes import InductorGraph, OnnxRuntimeModule, check_agreement, export_onnx
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -50,6 +51,14 @@ class Recipe(Protocol):
         """The recipe uses the calibration batches."""
 
     @property
+    def runtime(self) -> str:
+        """What runs the quantized model: ``eager`` PyTorch, ``inductor`` (compiled), ``onnxruntime``."""
+
+    @property
+    def suffix(self) -> str:
+        """The saved file's suffix: ``.pt`` (state dict), ``.pt2`` (exported graph) or ``.onnx``."""
+
+    @property
     def granularity(self) -> str:
         """Which weights share a scale (``""`` for float casts)."""
 
@@ -72,6 +81,8 @@ class FloatCast:
     calibrated = False
     granularity = ""
     method = "cast"
+    runtime = "eager"
+    suffix = ".pt"
 
     @property
     def bits(self) -> int:
@@ -97,6 +108,8 @@ class IntxWeightOnly:
     calibrated = False
     input_dtype = torch.float32
     method = "rtn"
+    runtime = "eager"
+    suffix = ".pt"
 
     @property
     def name(self) -> str:
@@ -115,9 +128,12 @@ class IntxWeightOnly:
 class StaticPT2E:
     """Calibrated static quantization through torchao's PT2E flow (export, ``X86InductorQuantizer``,
     calibrate, convert): int8 activations per tensor, ``weight_bits`` per output channel, BatchNorm
-    folded. The result is an exported graph module."""
+    folded. The result is an exported graph, run as it is (``eager``: quantize/dequantize around
+    float ops, a reference rather than a fast model), compiled by Inductor's x86 int8 lowering, or
+    exported to ONNX and run by ONNX Runtime (see :mod:`qlight.quantization.runtimes`)."""
 
     weight_bits: int = 8
+    runtime: Literal["eager", "inductor", "onnxruntime"] = "eager"
     static = True
     calibrated = True
     input_dtype = torch.float32
@@ -126,11 +142,16 @@ class StaticPT2E:
 
     @property
     def name(self) -> str:
-        return "int8_static" if self.weight_bits == 8 else f"w{self.weight_bits}a8_static"
+        base = "int8_static" if self.weight_bits == 8 else f"w{self.weight_bits}a8_static"
+        return base if self.runtime == "eager" else f"{base}_{_RUNTIME_SUFFIX[self.runtime]}"
 
     @property
     def bits(self) -> int:
         return self.weight_bits
+
+    @property
+    def suffix(self) -> str:
+        return ".onnx" if self.runtime == "onnxruntime" else ".pt2"
 
     def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -152,7 +173,15 @@ class StaticPT2E:
         if targets and not quantized_weight_sizes(converted):
             raise RuntimeError(f"{self.name}: torchao's quantizer matched no layer with torch {torch.__version__}")
         _drop_unused_attributes(converted)
-        return converted
+        if self.runtime == "eager":
+            return converted
+        fast = (
+            InductorGraph(converted)
+            if self.runtime == "inductor"
+            else OnnxRuntimeModule(export_onnx(converted, calibration[0]))
+        )
+        check_agreement(fast, converted, calibration[0], self.name)
+        return fast
 
 
 def export_batched(model: nn.Module, example: Tensor, strict: bool = False) -> torch.export.ExportedProgram:
@@ -194,7 +223,12 @@ def _drop_unused_attributes(graph_module: torch.fx.GraphModule) -> None:
 
 
 _INT = re.compile(r"int(\d+)(?:@(\w+))?")
-_STATIC = {"int8_static": 8, "w4a8_static": 4}
+_RUNTIME_SUFFIX = {"inductor": "inductor", "onnxruntime": "onnx"}
+_STATIC = {
+    f"{base}{suffix}": StaticPT2E(bits, runtime)
+    for base, bits in (("int8_static", 8), ("w4a8_static", 4))
+    for suffix, runtime in (("", "eager"), ("_inductor", "inductor"), ("_onnx", "onnxruntime"))
+}
 
 
 def valid_recipe_names() -> list[str]:
@@ -207,7 +241,7 @@ def parse_recipe(name: str, granularity: Granularity = DEFAULT_GRANULARITY) -> R
     if name in FLOAT_DTYPES:
         return FloatCast(name, FLOAT_DTYPES[name])
     if name in _STATIC:
-        return StaticPT2E(_STATIC[name])
+        return _STATIC[name]
     match = _INT.fullmatch(name)
     if match and MIN_BITS <= int(match.group(1)) <= MAX_BITS and match.group(2) in (None, *GRANULARITIES):
         return IntxWeightOnly(int(match.group(1)), match.group(2) or check_granularity(granularity))
@@ -237,7 +271,12 @@ def quantizable_modules(
 
 def quantized_weight_sizes(model: nn.Module) -> list[int]:
     """Element counts of the weights that ``model`` really holds quantized: torchao's
-    ``IntxUnpackedToInt8Tensor`` weights, or the int8 constants of a PT2E graph."""
+    ``IntxUnpackedToInt8Tensor`` weights, or the int8 constants of a PT2E graph (compiled or not) or
+    of an ONNX model."""
+    if isinstance(model, OnnxRuntimeModule):
+        return model.quantized_weight_sizes()
+    if isinstance(model, InductorGraph):
+        model = model.graph
     if isinstance(model, torch.fx.GraphModule):
         dequantized = [node.args[0] for node in model.graph.nodes if "dequantize_per_channel" in str(node.target)]
         return [operator.attrgetter(node.target)(model).numel() for node in dequantized if node.op == "get_attr"]

@@ -4,8 +4,8 @@ A ``.pt`` file holds the recipe's name, the model's class path and hyperparamete
 Lightning's ``load_from_checkpoint`` does), the quantized module names and a state dict in which each
 torchao ``IntxUnpackedToInt8Tensor`` is replaced by its packed integer codes and scales. It is read
 with ``weights_only`` and checked (shapes, bits, code range, finite scales) before use. Static (PT2E)
-recipes are exported graphs in ``torch.export``'s ``.pt2`` format, whose archive is inspected first:
-a ``.pt2`` that asks for pickled objects is refused.
+recipes are exported graphs in ``torch.export``'s ``.pt2`` format, whose archive is inspected first
+(a ``.pt2`` that asks for pickled objects is refused), or ONNX models (``.onnx``) for ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from qlight.errors import QlightError
 from qlight.files import load_torch_file
 from qlight.quantization.intx import code_range, dtype_bits, intx_from_codes, set_weight
 from qlight.quantization.recipes import Recipe, export_batched, parse_recipe
+from qlight.quantization.runtimes import InductorGraph, OnnxRuntimeModule
 
 FORMAT = "qlight.quantized/1"
 _PLAIN_TENSOR_FILES = (pt2_constants.WEIGHT_FILENAME_PREFIX, pt2_constants.TENSOR_CONSTANT_FILENAME_PREFIX)
@@ -86,8 +87,11 @@ def quantized_bytes(
     ``example_input`` is only used to export the graph of static recipes.
     """
     buffer = io.BytesIO()
+    if isinstance(model, OnnxRuntimeModule):
+        return model.onnx_bytes
     if recipe.static:
-        program = export_batched(model, example_input)
+        graph = model.graph if isinstance(model, InductorGraph) else model  # compiling is for running, not saving
+        program = export_batched(graph, example_input)
         program.example_inputs = None  # torch.export.save would store the whole example batch
         torch.export.save(program, buffer)
         return buffer.getvalue()
@@ -238,7 +242,8 @@ def load_quantized(
     """Rebuild a model saved by the quantization callbacks, without running code from the file.
 
     Args:
-        path: a ``.pt`` file (weight-only recipes, float casts) or ``.pt2`` (static recipes).
+        path: a ``.pt`` file (weight-only recipes, float casts), ``.pt2`` (static recipes) or ``.onnx``
+            (static recipes for ONNX Runtime, which must be installed).
         model: an unquantized model of the same architecture; by default it is rebuilt from the
             class path and hyperparameters stored in the file.
         map_location: device for the loaded tensors.
@@ -254,6 +259,8 @@ def load_quantized(
         raise QlightError(f"no quantized model at {path}")
     if path.suffix == ".pt2":
         return _load_pt2(path)
+    if path.suffix == ".onnx":
+        return OnnxRuntimeModule(path.read_bytes())
     payload = load_torch_file(path, "quantized model", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QlightError(f"{path} is not a qlight quantized model file")

@@ -1,0 +1,63 @@
+"""Fast int8 on the CPU: the static graph compiled by Inductor and run by ONNX Runtime, each a row of
+its own that must agree with the PyTorch quantized model on real data."""
+
+import sys
+
+import pytest
+import torch
+from digits import DigitsNet, trainer
+
+from qlight import PostTrainingQuantization, QlightError, load_quantized
+from qlight.quantization.runtimes import export_onnx
+from qlight.tables import read_csv
+
+
+def ptq_rows(tmp_path, model, recipes):
+    ptq = PostTrainingQuantization(recipes=recipes, output_dir=str(tmp_path / "ptq"), speed_repeats=2)
+    trainer(tmp_path, [ptq]).test(model)
+    return {row["recipe"]: row for row in read_csv(tmp_path / "ptq" / "results.csv")}
+
+
+def test_onnx_runtime_and_inductor_rows_agree_with_the_pytorch_int8_graph(tmp_path, digits_checkpoint):
+    model = DigitsNet.load_from_checkpoint(digits_checkpoint)
+    rows = ptq_rows(tmp_path, model, ["int8_static", "int8_static_onnx", "int8_static_inductor"])
+    reference = load_quantized(tmp_path / "ptq" / "int8_static.pt2")
+    onnx = load_quantized(tmp_path / "ptq" / "int8_static_onnx.onnx")
+    x, y = model.test_data.tensors
+    with torch.no_grad():
+        top1 = {name: (m(x).argmax(1) == y).float().mean().item() for name, m in (("pt", reference), ("ort", onnx))}
+    assert abs(top1["ort"] - top1["pt"]) <= 0.002, top1
+    for name in ("int8_static_onnx", "int8_static_inductor"):
+        row = rows[name]
+        assert not row["error"], row
+        assert abs(float(row["acc1"]) - float(rows["int8_static"]["acc1"])) <= 0.002, row
+        assert row["quantized_modules"] == rows["int8_static"]["quantized_modules"] == "4"
+        assert float(row["images_per_s"]) > 0 and float(row["quantize_seconds"]) > 0
+    assert (
+        rows["int8_static_onnx"]["runtime"] == "onnxruntime" and rows["int8_static_inductor"]["runtime"] == "inductor"
+    )
+
+
+def test_failures_of_a_fast_runtime_are_error_rows(tmp_path, digits_checkpoint, monkeypatch):
+    def no_export(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    def no_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    monkeypatch.setattr(torch, "compile", lambda graph, **kwargs: no_compile)
+    rows = ptq_rows(
+        tmp_path,
+        DigitsNet.load_from_checkpoint(digits_checkpoint),
+        ["int8_static", "int8_static_onnx", "int8_static_inductor"],
+    )
+    assert rows["int8_static_onnx"]["error"] == "RuntimeError: unsupported operator"
+    assert rows["int8_static_inductor"]["error"].startswith("RuntimeError: the compiled graph failed")
+    assert float(rows["int8_static"]["acc1"]) > 0.9 and not rows["int8_static"]["error"]
+
+
+def test_onnx_without_the_extra_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(QlightError, match=r'pip install -e "\.\[onnx\]"'):
+        export_onnx(torch.nn.Linear(4, 2), torch.randn(2, 4))
