@@ -4,7 +4,9 @@
     python benchmarks/bench.py --quick    # small sizes on whatever device is present (CPU: ~4 min)
 
 Prints a table, then one JSON line with ``fit_vs_plain`` (qlight fit images/s over the plain
-loop's), ``qat_vs_plain`` (QAT int4 step time over the plain loop's) and the rest of the numbers.
+loop's), ``qat_vs_plain`` (QAT int4 step time over the plain loop's), ``int8_vs_fp32`` (the faster
+CPU int8 path's images/s over fp32's, batch 64), ``fit_host_vs_plain`` and ``qat_host_vs_fit`` (host
+ms per step, (h)) and the rest of the numbers.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from qlight.quantization.fake_quant import (
     activation_fake_quant_config,
     weight_fake_quant_config,
 )
+from qlight.quantization.speed import measure_speed
 
 
 def sync(device: torch.device) -> None:
@@ -192,21 +195,37 @@ def ptq_seconds(args: argparse.Namespace) -> dict[str, float]:
 
 
 def inference(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """(e) Forward throughput of quantized VGG-11-BN models (int8_static runs on the CPU)."""
+    """(e) Forward throughput of VGG-11-BN on the device in float casts and weight-only int8."""
     source = ImageClassifier().eval()
     x, _ = synthetic_images(args.batch_size, 100, seed=0)
     x = normalize(x)
-    targets = set(quantizable_modules(source))
+    targets = quantizable_modules(source)
     result = {}
     for name in args.inference:
         recipe = parse_recipe(name)
-        where = torch.device("cpu") if recipe.static else device
-        model = recipe.quantize(copy.deepcopy(source).to(where), targets, [x[: args.batch_size]])
-        if recipe.static and args.compile_int8:
-            model = torch.compile(model)
-        batch = x.to(where, recipe.input_dtype)
-        result[name] = _throughput(model, batch, args, where)
+        model = recipe.quantize(copy.deepcopy(source).to(device), targets)
+        result[name] = _throughput(model, x.to(device, recipe.input_dtype), args, device)
+        if device.type == "cuda" and recipe.dtype in (torch.float16, torch.bfloat16):
+            model = model.to(memory_format=torch.channels_last)
+            batch = x.to(device, recipe.input_dtype).contiguous(memory_format=torch.channels_last)
+            result[f"{name} channels_last"] = _throughput(model, batch, args, device)
     return result
+
+
+def cpu_int8(args: argparse.Namespace) -> dict[str, float]:
+    """(i) CPU images/s of VGG-11-BN at batch 64: fp32 against the static int8 graph as PT2E leaves it,
+    compiled by Inductor and run by ONNX Runtime; interleaved repeats, best of each."""
+    source = vgg11_bn().eval()
+    x = normalize(synthetic_images(64, 100, seed=0)[0])
+    targets = quantizable_modules(source)
+    models = {"fp32": source}
+    for name in ("int8_static", "int8_static_inductor", "int8_static_onnx"):
+        models[name] = parse_recipe(name).quantize(copy.deepcopy(source), targets, [x])
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            best[name] = max(best.get(name, 0.0), measure_speed(model, x, repeats=3, budget_s=5.0).images_per_s)
+    return best
 
 
 @torch.no_grad()
@@ -259,10 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--recipes", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int6", "int4", "int2", "int8_static"]
     )
-    parser.add_argument("--inference", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int8_static"])
-    parser.add_argument(
-        "--compile-int8", action="store_true", help="torch.compile the CPU int8 static model (slow warm-up)"
-    )
+    parser.add_argument("--inference", nargs="+", default=["fp32", "fp16", "bf16", "int8"])
+    parser.add_argument("--skip-cpu-int8", action="store_true", help="skip (i), which compiles VGG-11 (about 1 min)")
     parser.add_argument("--workdir", help="where the callbacks may write (default: a new temporary folder)")
     args = parser.parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="qlight-bench-")
@@ -308,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, run in host_runs.items():
             host_ms[name] = min(host_ms.get(name, float("inf")), run())
     inference_ips = inference(args, device)
+    int8_ips = {} if args.skip_cpu_int8 else cpu_int8(args)
     seconds = ptq_seconds(args)
     fake_quant_ms = fake_quant_host_ms(args)
     device_name = (
@@ -319,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{device_name}, torch {torch.__version__}, batch {args.batch_size}, {args.precision}, {runs}")
     _print_section("training (images/s)", rows, ".0f")
     _print_section("inference (images/s)", inference_ips, ".0f")
+    _print_section("CPU inference, VGG-11-BN, batch 64 (images/s)", int8_ips, ".0f")
     _print_section(f"PTQ quantize + evaluate ({args.test_images} test images, seconds)", seconds, ".2f")
     _print_section("host time per training step (ms; VGG-11 ops at 1/16 width, batch 2, CPU)", host_ms, ".2f")
     _print_section("fake-quant host cost per layer and step (ms, tiny tensor)", fake_quant_ms, ".3f")
@@ -333,6 +352,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data_vs_model": rows["data path (load + augment)"] / rows["plain loop"],
         "train_images_per_s": rows,
         "inference_images_per_s": inference_ips,
+        "cpu_int8_images_per_s": int8_ips,
+        "int8_vs_fp32": max(v for k, v in int8_ips.items() if k != "fp32") / int8_ips["fp32"] if int8_ips else None,
+        "fit_host_vs_plain": host_ms["qlight fit"] / host_ms["plain loop"],
+        "qat_host_vs_fit": host_ms["+ QAT int4 weights (fused)"] / host_ms["qlight fit"],
         "ptq_seconds": seconds,
         "ptq_sweep_seconds": sum(seconds.values()),
         "host_ms_per_step": host_ms,

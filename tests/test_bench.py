@@ -26,6 +26,7 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
             "--inference",
             "fp32",
             "int8",
+            "--skip-cpu-int8",  # compiles VGG-11; tests/test_runtimes.py covers those runtimes
         ]
     )
     assert set(summary["train_images_per_s"]) == {
@@ -43,5 +44,6 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     }
     assert len(summary["fake_quant_host_ms"]) == 4 and len(summary["host_ms_per_step"]) == 6
     assert all(v > 0 for v in summary["host_ms_per_step"].values())
+    assert summary["fit_host_vs_plain"] > 0 and summary["qat_host_vs_fit"] > 0 and summary["int8_vs_fp32"] is None
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
     assert (tmp_path / "ptq" / "results.csv").is_file() and (tmp_path / "qat" / "model.pt").is_file()
