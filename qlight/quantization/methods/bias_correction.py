@@ -22,9 +22,9 @@ from qlight.quantization.methods.calibration import hooked, run
 
 def _channel_sums(module: nn.Module, output: Tensor) -> tuple[Tensor, int]:
     """Per-output-channel sums (float64) and the number of values summed per channel."""
-    channels_last = output.movedim(1, -1) if isinstance(module, nn.Conv2d) else output
-    rows = channels_last.reshape(-1, channels_last.shape[-1]).double()
-    return rows.sum(0), rows.shape[0]
+    if isinstance(module, nn.Conv2d):  # (N, C, H, W)
+        return output.sum((0, 2, 3)).double(), output.numel() // output.shape[1]
+    return output.reshape(-1, output.shape[-1]).sum(0).double(), output.numel() // output.shape[-1]
 
 
 def output_means(model: nn.Module, names: Sequence[str], batches: Sequence[Tensor]) -> dict[str, Tensor]:
