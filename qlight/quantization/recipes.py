@@ -101,6 +101,7 @@ class FloatCast:
 Rounding = Literal["rtn", "gptq"]
 ROUNDINGS: tuple[str, ...] = ("rtn", "gptq")
 CORRECTIONS: tuple[str, ...] = ("bn_reestimation", "bias_correction")
+BEST_METHOD = "gptq+bn_reestimation+bias_correction"  # the most accurate combination measured (README)
 METHOD_HELP = "rtn, gptq, bn_reestimation, bias_correction joined with + (at most one of rtn and gptq)"
 
 
