@@ -174,7 +174,10 @@ class PostTrainingQuantization(Callback):
             raise QlightError(f"calibration_batches must be 0 or more, got {calibration_batches}")
         calibrated = [r.name for r in parsed if r.calibrated]
         if calibrated and calibration_batches == 0:
-            raise QlightError(f"{', '.join(calibrated)} need calibration: set calibration_batches to 1 or more")
+            more = f" and {len(calibrated) - 3} more" if len(calibrated) > 3 else ""
+            raise QlightError(
+                f"{', '.join(calibrated[:3])}{more} need calibration: set calibration_batches to 1 or more"
+            )
         if eval_batches is not None and eval_batches < 1:
             raise QlightError(f"eval_batches must be at least 1 (or None for all), got {eval_batches}")
         return parsed
