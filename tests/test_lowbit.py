@@ -171,7 +171,7 @@ def test_bn_reestimation_without_batchnorm_warns_and_says_so(tmp_path):
     assert row["note"] == "no BatchNorm: nothing re-estimated"
 
 
-def test_a_method_that_leaves_nan_is_an_error_row(tmp_path, digits_checkpoint, monkeypatch):
+def test_a_method_that_leaves_nan_is_an_error_row(tmp_path, narrow_digits_checkpoint, monkeypatch):
     def broken(model, batches):
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -182,7 +182,7 @@ def test_a_method_that_leaves_nan_is_an_error_row(tmp_path, digits_checkpoint, m
     ptq = PostTrainingQuantization(
         recipes=["int4"], methods=["rtn", "gptq+bn_reestimation"], calibration_batches=2, output_dir=str(tmp_path)
     )
-    trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(digits_checkpoint))
+    trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(narrow_digits_checkpoint))
     rows = {row["recipe"]: row for row in read_csv(tmp_path / "results.csv")}
     error = rows["int4+gptq+bn_reestimation"]["error"]
     assert error == "FloatingPointError: gptq+bn_reestimation left NaN or Inf in net.1.running_var, net.4.running_var"

@@ -28,8 +28,14 @@ def _channel_sums(module: nn.Module, output: Tensor) -> tuple[Tensor, int]:
 
 
 def output_means(model: nn.Module, names: Sequence[str], batches: Sequence[Tensor]) -> dict[str, Tensor]:
-    """Per-output-channel mean of each named Conv2d or Linear layer's output over ``batches`` (float64):
-    the targets of :func:`correct_biases`, measured on the float model."""
+    """Per-output-channel mean of each named layer's output over ``batches`` (float64): the targets of
+    :func:`correct_biases`.
+
+    Args:
+        model: the float model, in eval mode.
+        names: its Conv2d and Linear layers; a layer that never runs is left out of the result.
+        batches: calibration inputs, on the model's device.
+    """
     totals: dict[str, list] = {name: [0.0, 0] for name in names}
 
     def accumulate(name: str):
@@ -83,8 +89,14 @@ def correct_biases(model: nn.Module, reference: dict[str, Tensor], batches: Sequ
 
 
 def layers_feeding_batchnorm(model: nn.Module, names: Sequence[str], example: Tensor) -> set[str]:
-    """The named layers whose output tensor is the input of a BatchNorm, seen in one forward pass of
-    ``example``. (An in-place op between the two, as in conv → ReLU(inplace) → BatchNorm, counts too.)"""
+    """The named layers whose output tensor is the input of a BatchNorm, seen in one forward pass (an
+    in-place op between the two, as in conv, in-place ReLU, BatchNorm, counts too).
+
+    Args:
+        model: the model, in eval mode.
+        names: the layers to check.
+        example: one input batch.
+    """
     outputs: dict[str, Tensor] = {}
     feeding: set[str] = set()
 

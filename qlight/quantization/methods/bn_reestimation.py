@@ -20,6 +20,10 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> list[st
     the BatchNorm layers in training mode and everything else (dropout) in eval mode, without
     gradients. ``model`` keeps its mode and momenta.
 
+    Args:
+        model: the quantized model.
+        batches: unlabelled inputs, on the model's device.
+
     Returns:
         The names of the re-estimated layers; empty when ``model`` has none.
     """

@@ -65,8 +65,16 @@ def input_rows(module: nn.Module, x: Tensor) -> Tensor:
 
 def input_hessians(model: nn.Module, names: Sequence[str], batches: Sequence[Tensor]) -> dict[str, Tensor | None]:
     """``H = 2 X X^T / n`` of the inputs of each named layer that GPTQ can solve, from one pass of
-    ``batches`` through ``model`` (float32, one matrix product per batch and layer); ``None`` for a layer
-    that no input reached."""
+    ``batches`` through ``model`` (float32, one matrix product per batch and layer).
+
+    Args:
+        model: the float model, in eval mode.
+        names: its Conv2d and Linear layers; grouped convs are left out.
+        batches: calibration inputs, on the model's device.
+
+    Returns:
+        The Hessian of each solvable layer, ``None`` for a layer that no input reached.
+    """
     layers = [name for name in names if solvable(model.get_submodule(name))]
     sums: dict[str, Tensor] = {}
     counts = dict.fromkeys(layers, 0)
@@ -98,8 +106,14 @@ class InverseHessian:
 
 
 def inverse_hessian(hessian: Tensor | None, percdamp: float = PERCDAMP) -> InverseHessian:
-    """Factor a layer's Hessian for :func:`gptq_weight`, with damping ``percdamp`` times its mean
-    diagonal, raised tenfold while the factorization fails."""
+    """Factor a layer's Hessian for :func:`gptq_weight`.
+
+    Args:
+        hessian: from :func:`input_hessians`; ``None``, NaN/Inf or a matrix that cannot be factored
+            gives an :class:`InverseHessian` that says why the layer gets round-to-nearest.
+        percdamp: damping added to the diagonal, as a share of its mean; raised tenfold (up to three
+            times) while the Cholesky factorization fails.
+    """
     if hessian is None:
         return InverseHessian(fallback="no calibration input reached it")
     if not bool(torch.isfinite(hessian).all()):
