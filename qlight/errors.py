@@ -3,3 +3,7 @@
 
 class QlightError(Exception):
     """A problem with the user's input or environment; the message says how to fix it."""
+
+
+class QlightWarning(UserWarning):
+    """Something a result depends on that the user should know; PTQ shows it in the row's ``note``."""

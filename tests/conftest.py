@@ -40,15 +40,26 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def digits_checkpoint(tmp_path_factory) -> Path:
-    """A small CNN trained on scikit-learn's digits (about 99% test accuracy)."""
+def _trained_digits(tmp_path_factory, width: int) -> Path:
     from digits import DigitsNet, trainer
 
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("digits")
+    root = tmp_path_factory.mktemp(f"digits_w{width}")
     t = trainer(root, max_epochs=8)
-    t.fit(DigitsNet())
+    t.fit(DigitsNet(width=width))
     path = root / "digits.ckpt"
     t.save_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """A small CNN trained on scikit-learn's digits (about 99% test accuracy)."""
+    return _trained_digits(tmp_path_factory, width=8)
+
+
+@pytest.fixture(scope="session")
+def narrow_digits_checkpoint(tmp_path_factory) -> Path:
+    """The same CNN at half the width (about 97%): fragile enough that round-to-nearest int2 loses
+    about half its accuracy, where the width-8 one loses a few points."""
+    return _trained_digits(tmp_path_factory, width=4)

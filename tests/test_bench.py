@@ -47,3 +47,16 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     assert summary["fit_host_vs_plain"] > 0 and summary["qat_host_vs_fit"] > 0 and summary["int8_vs_fp32"] is None
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
     assert (tmp_path / "ptq" / "results.csv").is_file() and (tmp_path / "qat" / "model.pt").is_file()
+
+
+def test_ptq_sweep_benchmark_runs_on_tiny_sizes(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "ptq_sweep", Path(__file__).resolve().parents[1] / "benchmarks" / "ptq_sweep.py"
+    )
+    ptq_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ptq_sweep)
+    args = ["--recipes", "fp32", "int4", "--methods", "rtn+bias_correction", "--calibration-batches=1"]
+    summary = ptq_sweep.main([*args, "--batch-size=4", "--test-images=8", f"--workdir={tmp_path}"])
+    assert list(summary["seconds"]) == ["fp32", "int4+bias_correction"] and summary["wall_seconds"] > 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
+    assert (tmp_path / "ptq" / "int4+bias_correction.pt").is_file()

@@ -46,6 +46,40 @@ def test_cast_outcomes_counts_fp16_and_bf16_limits():
     assert cast_outcomes(values, torch.bfloat16) == {"count": 4, "overflow": 0, "underflow": 0, "subnormal": 0}
 
 
+def test_report_states_bits_saved_and_qat_epochs_against_both_ptq_methods(tmp_path, capsys):
+    # Made-up curves acc(b) = 0.9 - drop * 4^-b: RTN (drop 6) crosses 1 point below fp32 at log4(600)
+    # bits, the method (drop 0.6) at log4(60); measured, RTN holds down to 5 bits, the method to 3.
+    from qlight.tables import write_csv
+
+    best = "gptq+bn_reestimation+bias_correction"
+    rows = [{"recipe": "fp32", "bits": 32, "method": "cast", "acc1": 0.9}]
+    for bits in (8, 6, 5, 4, 3, 2):
+        for method, drop in (("rtn", 6.0), (best, 0.6)):
+            name = f"int{bits}" + ("" if method == "rtn" else f"+{best}")
+            rows.append({"recipe": name, "bits": bits, "granularity": "per_channel", "method": method})
+            rows[-1]["acc1"] = 0.9 - drop * 4.0**-bits
+    (tmp_path / "ptq").mkdir()
+    write_csv(rows, tmp_path / "ptq" / "results.csv", ["recipe", "bits", "granularity", "method", "acc1"])
+    (tmp_path / "qat_int2").mkdir()
+    qat = [{"epoch": e, "fake_quant": "on", "acc1": a} for e, a in enumerate((0.80, 0.87, 0.89))]
+    write_csv(qat, tmp_path / "qat_int2" / "results.csv", ["epoch", "fake_quant", "acc1"])
+    build_report(tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    (saving,) = results["method_savings"]
+    assert saving["bits_saved_fitted"] == pytest.approx(math.log(10, 4))
+    assert (saving["fewest_bits_rtn"], saving["fewest_bits"], saving["bits_saved_measured"]) == (5, 3, 2)
+    q = results["qat"]["2"]
+    assert (q["ptq_best"]["recipe"], q["epochs_to_match_ptq_rtn"], q["epochs_to_match_ptq_best"]) == (
+        f"int2+{best}",
+        1,
+        2,
+    )
+    report = (tmp_path / "report.md").read_text()
+    assert f"by {best} over RTN (per_channel): 1.66 by the fits" in report and "2 measured" in report
+    assert "| epochs to match PTQ RTN | epochs to match best PTQ |" in report
+    assert {"accuracy_vs_bits.png", "qat_epochs.png"} <= {p.name for p in tmp_path.glob("*.png")}
+
+
 TINY = [
     "--data.synthetic_train_size=256",
     "--data.synthetic_test_size=64",
@@ -95,6 +129,10 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
         image = matplotlib.image.imread(png)
         assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.01  # a drawn plot, not blank
     results = json.loads((root / "results.json").read_text())
+    # RTN and the best method side by side at every bit-width: two curves, and the bits one saves.
+    best = "gptq+bn_reestimation+bias_correction"
+    assert set(results["bit_curves"]) == {"per_channel rtn", f"per_channel {best}"}
+    assert [s["method"] for s in results["method_savings"]] == [best] and "Bits saved at a 1-point gap" in report
     csv_rows = {r["recipe"]: float(r["acc1"]) for r in read_csv(root / "ptq" / "results.csv")}
     assert {r["recipe"]: r["acc1"] for r in results["ptq"]} == csv_rows
     for recipe, acc in csv_rows.items():
@@ -122,17 +160,18 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
 
 
 def test_changing_a_later_stage_keeps_the_earlier_ones_and_overwrite_touches_only_study_files(tmp_path, capsys):
-    assert study(tmp_path, "--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=1") == 0
+    rtn = "--ptq.methods=[rtn]"  # GPTQ's time is not what this test is about
+    assert study(tmp_path, "--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=1", rtn) == 0
     root = tmp_path / "study"
     baseline = (root / "baseline" / "baseline.ckpt").read_bytes()
     (root / "notes.txt").write_text("mine")
     capsys.readouterr()
 
     # Another QAT epoch count: refused without --overwrite, and nothing is touched.
-    assert study(tmp_path, "--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=2") == 2
+    assert study(tmp_path, "--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=2", rtn) == 2
     assert "qat_int4" in capsys.readouterr().err
     # With --overwrite a folder holding a file the study did not write is still refused.
-    args = ("--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=2", "--overwrite=true")
+    args = ("--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=2", "--overwrite=true", rtn)
     assert study(tmp_path, *args) == 2
     assert "notes.txt" in capsys.readouterr().err
     (root / "notes.txt").unlink()

@@ -6,8 +6,9 @@ import contextlib
 import copy
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from qlight.errors import QlightError
+from qlight.errors import QlightError, QlightWarning
 from qlight.files import atomic_write_bytes, exclusive_dir
 from qlight.quantization.intx import Granularity
 from qlight.quantization.lightning_plumbing import (
@@ -31,11 +32,13 @@ from qlight.quantization.lightning_plumbing import (
     output_dir,
     transferred_batches,
 )
+from qlight.quantization.methods import Calibration
 from qlight.quantization.recipes import (
     DEFAULT_GRANULARITY,
     FloatCast,
     Recipe,
     check_granularity,
+    parse_method,
     parse_recipe,
     quantizable_modules,
     quantized_weight_sizes,
@@ -62,7 +65,9 @@ COLUMNS = [
     "latency_ms",
     "device",
     "quantize_seconds",
+    "calibration_batches",
     "seconds",
+    "note",
     "error",
 ]
 
@@ -82,16 +87,24 @@ class PostTrainingQuantization(Callback):
         recipes: names from :func:`qlight.quantization.valid_recipe_names`: ``fp32``, ``fp16``,
             ``bf16``, ``int2``..``int8`` (weight-only), ``int8_static``, ``w4a8_static`` (PT2E graphs
             that run on the CPU; with ``_inductor`` compiled to int8 kernels, with ``_onnx`` exported
-            to ONNX Runtime). A weight-only name may end in ``@per_channel`` or
+            to ONNX Runtime). A weight-only name may name its methods
+            (``int3+gptq+bn_reestimation+bias_correction``) and end in ``@per_channel`` or
             ``@per_kernel_position``.
         granularity: which weights share a scale in weight-only recipes without a suffix:
             ``per_channel`` (one scale per output channel; over in x kh x kw on a conv) or
             ``per_kernel_position`` (one per output channel and kernel position); a list runs each.
+        methods: how weight-only recipes that name no method are made; a list runs each. ``rtn``
+            (round to nearest) or ``gptq`` (error-compensating rounding), optionally followed by
+            ``bn_reestimation`` (recompute BatchNorm statistics) and/or ``bias_correction`` (remove
+            each output channel's mean shift), joined with ``+``. All but ``rtn`` use the calibration
+            batches; GPTQ's input Hessians come from the float model in one pass per run, shared by
+            every bit-width and granularity.
         run_on: ``fit`` quantizes the best checkpoint's weights when fitting ends (the last weights
             without a checkpoint callback); ``test`` quantizes the tested weights after ``test``.
         keep_first: leave the first Conv2d/Linear in float.
         keep_last: leave the last Conv2d/Linear (usually the classifier head) in float.
-        calibration_batches: training batches that calibrate static recipes' activation ranges.
+        calibration_batches: training batches (unlabelled) for the recipes that calibrate: static
+            recipes' activation ranges, and the methods above.
         eval_batches: limit the test batches per recipe (``None``: all).
         output_dir: where files go; default ``<log_dir>/ptq``. One run at a time writes into it.
         save_models: write each quantized model to disk (its size is measured either way).
@@ -100,9 +113,13 @@ class PostTrainingQuantization(Callback):
             a compiled recipe's compile time shows in ``quantize_seconds`` and ``seconds``, not in
             its speed); 0 skips the measurement.
 
+    A row's ``note`` says what the result depends on, e.g. ``no BatchNorm: nothing re-estimated``
+    or the layers where GPTQ fell back to round-to-nearest (also given as warnings).
+
     Raises:
-        QlightError: for unknown recipes or bad arguments, when the weights hold NaN or Inf, and
-            when another run is writing into ``output_dir``.
+        QlightError: for unknown recipes, methods or granularities (listing the valid ones) and bad
+            arguments, when a recipe needs calibration and ``calibration_batches`` is 0, when the
+            weights hold NaN or Inf, and when another run is writing into ``output_dir``.
 
     Example::
 
@@ -127,6 +144,7 @@ class PostTrainingQuantization(Callback):
         self,
         recipes: Sequence[str] = ("fp32", "fp16", "bf16", "int8", "int4"),
         granularity: Granularity | Sequence[Granularity] = DEFAULT_GRANULARITY,
+        methods: str | Sequence[str] = ("rtn",),
         run_on: Sequence[Literal["fit", "test"]] = ("fit", "test"),
         keep_first: bool = False,
         keep_last: bool = False,
@@ -136,7 +154,7 @@ class PostTrainingQuantization(Callback):
         save_models: bool = True,
         speed_repeats: int = 5,
     ) -> None:
-        parsed = self._validate(recipes, granularity, run_on, calibration_batches, eval_batches, speed_repeats)
+        parsed = self._validate(recipes, granularity, methods, run_on, calibration_batches, eval_batches, speed_repeats)
         self.recipes: list[Recipe] = parsed
         self.run_on = set(run_on)
         self.keep_first = keep_first
@@ -152,20 +170,30 @@ class PostTrainingQuantization(Callback):
     def _validate(
         recipes: Sequence[str],
         granularity: str | Sequence[str],
+        methods: str | Sequence[str],
         run_on: Sequence[str],
         calibration_batches: int,
         eval_batches: int | None,
         speed_repeats: int,
     ) -> list[Recipe]:
         """Check every argument; returns the recipes to run, ``fp32`` first."""
-        parsed = _expand(recipes, granularity)
+        if isinstance(recipes, str) or not recipes:
+            raise QlightError("PostTrainingQuantization needs a list of at least one recipe")
+        parsed = _expand(
+            recipes,
+            [granularity] if isinstance(granularity, str) else list(granularity),
+            [methods] if isinstance(methods, str) else list(methods),
+        )
         if set(run_on) - {"fit", "test"}:
             raise QlightError(f"run_on takes 'fit' and/or 'test', got {list(run_on)}")
         if calibration_batches < 0:
             raise QlightError(f"calibration_batches must be 0 or more, got {calibration_batches}")
         calibrated = [r.name for r in parsed if r.calibrated]
         if calibrated and calibration_batches == 0:
-            raise QlightError(f"{', '.join(calibrated)} need calibration: set calibration_batches to 1 or more")
+            more = f" and {len(calibrated) - 3} more" if len(calibrated) > 3 else ""
+            raise QlightError(
+                f"{', '.join(calibrated[:3])}{more} need calibration: set calibration_batches to 1 or more"
+            )
         if eval_batches is not None and eval_batches < 1:
             raise QlightError(f"eval_batches must be at least 1 (or None for all), got {eval_batches}")
         if speed_repeats < 0:
@@ -230,13 +258,20 @@ class PostTrainingQuantization(Callback):
             "granularity": recipe.granularity,
             "method": recipe.method,
             "runtime": recipe.runtime,
+            "calibration_batches": len(inputs.calibration) if recipe.calibrated else 0,
         }
         try:
             device = torch.device("cpu") if recipe.static else pl_module.device
             model = copy.deepcopy(inputs.source).to(device).eval()
             start_quantize = time.perf_counter()
-            model = recipe.quantize(model, inputs.targets, [x.to(device) for x in inputs.calibration])
+            model, notes = _quantize(recipe, model, inputs.targets, inputs.calibration_on(device))
             row["quantize_seconds"] = round(time.perf_counter() - start_quantize, 2)
+            for note in notes:
+                rank_zero_warn(f"PTQ {recipe.name}: {note}")
+            row["note"] = "; ".join(notes)
+            bad = non_finite_tensors(model)
+            if bad:
+                raise FloatingPointError(f"{recipe.method} left NaN or Inf in {', '.join(bad[:3])}")
             loader = dataloader(trainer, pl_module, "test")
             batches = transferred_batches(trainer, pl_module, loader, self.eval_batches, shard=True)
             accuracy = evaluate(model, ((x.to(device), y.to(device)) for x, y in batches), trainer, recipe.input_dtype)
@@ -258,6 +293,39 @@ class PostTrainingQuantization(Callback):
         return row
 
 
+def _expand(recipes: Sequence[str], granularities: list[str], methods: list[str]) -> list[Recipe]:
+    """``fp32``, then each recipe in each granularity and method unless its name sets them."""
+    if not granularities or not methods:
+        raise QlightError("granularity and methods need at least one value each")
+    for method in methods:
+        parse_method(method)
+    parsed = [parse_recipe("fp32")]
+    for name in recipes:
+        for granularity in granularities:
+            for method in methods:
+                recipe = parse_recipe(name, check_granularity(granularity), method)
+                if recipe.name not in [r.name for r in parsed]:
+                    parsed.append(recipe)
+    return parsed
+
+
+def _quantize(
+    recipe: Recipe, model: nn.Module, targets: list[str], calibration: Calibration
+) -> tuple[nn.Module, list[str]]:
+    """``recipe.quantize`` and the distinct messages of the ``QlightWarning``s it gave, for the row's
+    note; other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QlightWarning)
+        model = recipe.quantize(model, targets, calibration)
+    notes = []
+    for warning in caught:
+        if issubclass(warning.category, QlightWarning):
+            notes.append(str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return model, list(dict.fromkeys(notes))
+
+
 @dataclass(frozen=True)
 class _RunInputs:
     """What every recipe of one run starts from."""
@@ -267,22 +335,14 @@ class _RunInputs:
     calibration: list[torch.Tensor]  # input batches, on the CPU
     example: torch.Tensor  # one test batch, to export static graphs
     out: Path
+    calibrations: dict[torch.device, Calibration] = field(default_factory=dict)
 
-
-def _expand(recipes: Sequence[str], granularity: str | Sequence[str]) -> list[Recipe]:
-    """The recipes to run, ``fp32`` first: plain weight-only names once per granularity."""
-    if isinstance(recipes, str) or not recipes:
-        raise QlightError("PostTrainingQuantization needs a list of at least one recipe")
-    granularities = [granularity] if isinstance(granularity, str) else list(granularity)
-    if not granularities:
-        raise QlightError("granularity needs at least one value")
-    parsed = [parse_recipe("fp32")]
-    for name in recipes:
-        for choice in granularities:
-            recipe = parse_recipe(name, check_granularity(choice))
-            if recipe.name not in [r.name for r in parsed]:
-                parsed.append(recipe)
-    return parsed
+    def calibration_on(self, device: torch.device) -> Calibration:
+        """The calibration batches on ``device``; one per device and run, so that what methods derive
+        from the float model (GPTQ's Hessians) is computed once for all recipes."""
+        if device not in self.calibrations:
+            self.calibrations[device] = Calibration(x.to(device) for x in self.calibration)
+        return self.calibrations[device]
 
 
 def _quantized_counts(model: nn.Module, recipe: Recipe) -> dict[str, int]:

@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
-from qlight.errors import QlightError
+from qlight.errors import QlightError, QlightWarning
 from qlight.quantization.intx import GRANULARITIES, MAX_BITS, MIN_BITS, Granularity, groupable, intx_weight, set_weight
+from qlight.quantization.methods import (
+    InverseHessian,
+    correct_biases,
+    gptq_weight,
+    input_hessians,
+    inverse_hessian,
+    layers_feeding_batchnorm,
+    output_means,
+    reestimate_batchnorm,
+    remembered,
+)
 from qlight.quantization.runtimes import InductorGraph, OnnxRuntimeModule, check_agreement, export_onnx
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
@@ -64,7 +76,8 @@ class Recipe(Protocol):
 
     @property
     def method(self) -> str:
-        """How the values are chosen: ``cast``, ``rtn`` (round to nearest), ``pt2e`` (calibrated)."""
+        """How the values are chosen: ``cast``, ``pt2e`` (calibrated), ``rtn`` (round to nearest) or
+        ``gptq``, followed by the corrections applied after it (``rtn+bn_reestimation``)."""
 
     def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
         """Quantize the ``targets`` of ``model`` (modified in place or replaced); ``calibration`` holds
@@ -96,32 +109,110 @@ class FloatCast:
         return model.to(self.dtype)
 
 
+Rounding = Literal["rtn", "gptq"]
+ROUNDINGS: tuple[str, ...] = ("rtn", "gptq")
+CORRECTIONS: tuple[str, ...] = ("bn_reestimation", "bias_correction")
+BEST_METHOD = "gptq+bn_reestimation+bias_correction"  # the most accurate combination measured (README)
+METHOD_HELP = "rtn, gptq, bn_reestimation, bias_correction joined with + (at most one of rtn and gptq)"
+
+
 @dataclass(frozen=True)
 class IntxWeightOnly:
-    """Symmetric N-bit weights as torchao ``IntxUnpackedToInt8Tensor``, rounded to nearest with one
-    scale per group (see :mod:`qlight.quantization.intx`); activations stay in float. A conv whose
-    groups would hold one value (one input channel, ``per_kernel_position``) stays float."""
+    """Symmetric N-bit weights as torchao ``IntxUnpackedToInt8Tensor``, one scale per group (see
+    :mod:`qlight.quantization.intx`); activations stay in float. A conv whose groups would hold one
+    value (one input channel, ``per_kernel_position``) stays float.
+
+    Args:
+        bits: bits per weight.
+        granularity: which weights share a scale.
+        rounding: ``rtn`` (round to nearest, torchao's ``from_hp``) or ``gptq``
+            (:mod:`~qlight.quantization.methods.gptq`); both use torchao's scales.
+        bn_reestimation: then recompute the BatchNorm statistics on the calibration batches.
+        bias_correction: then correct each layer's mean output shift against the float model, except,
+            with ``bn_reestimation``, in the layers that feed a BatchNorm (its new mean would undo it).
+    """
 
     bits: int
     granularity: Granularity = DEFAULT_GRANULARITY
+    rounding: Rounding = "rtn"
+    bn_reestimation: bool = False
+    bias_correction: bool = False
     static = False
-    calibrated = False
     input_dtype = torch.float32
-    method = "rtn"
     runtime = "eager"
     suffix = ".pt"
 
     @property
+    def method(self) -> str:
+        """``rtn``, ``gptq``, then the corrections in the order they run, joined with ``+``."""
+        corrections = [name for name in CORRECTIONS if getattr(self, name)]
+        return "+".join([self.rounding, *corrections])
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "rtn"
+
+    @property
     def name(self) -> str:
+        methods = "".join(f"+{m}" for m in self.method.split("+") if m != "rtn")
         suffix = "" if self.granularity == DEFAULT_GRANULARITY else f"@{self.granularity}"
-        return f"int{self.bits}{suffix}"
+        return f"int{self.bits}{methods}{suffix}"
 
     def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
-        for name in targets:
-            module = model.get_submodule(name)
-            if groupable(module.weight, self.granularity):
-                set_weight(module, intx_weight(module.weight, self.bits, self.granularity))
+        if self.calibrated and not calibration:
+            raise QlightError(f"{self.name} needs calibration batches: set calibration_batches to 1 or more")
+        # One bit-width per layer: the methods take a plan, so mixed precision needs no change below.
+        bits = {name: self.bits for name in targets if groupable(model.get_submodule(name).weight, self.granularity)}
+        reference = self._float_output_means(model, targets, calibration) if self.bias_correction else {}
+        if self.rounding == "gptq":
+            self._gptq(model, targets, bits, calibration)
+        else:
+            for name, layer_bits in bits.items():
+                module = model.get_submodule(name)
+                set_weight(module, intx_weight(module.weight, layer_bits, self.granularity))
+        if self.bn_reestimation and not reestimate_batchnorm(model, calibration):
+            warnings.warn("no BatchNorm: nothing re-estimated", QlightWarning, stacklevel=2)
+        if reference:
+            without_bias = correct_biases(model, reference, calibration)
+            if without_bias:
+                warnings.warn(
+                    f"bias_correction skipped {', '.join(without_bias)} (no bias)", QlightWarning, stacklevel=2
+                )
         return model
+
+    def _float_output_means(
+        self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor]
+    ) -> dict[str, Tensor]:
+        """What bias correction aims at, measured before any weight changes; with BN re-estimation,
+        without the layers that feed a BatchNorm."""
+        key = tuple(targets)
+        means = remembered(calibration, ("output_means", key), lambda: output_means(model, targets, calibration))
+        if not self.bn_reestimation:
+            return means
+        feeding = remembered(
+            calibration, ("feeding_batchnorm", key), lambda: layers_feeding_batchnorm(model, targets, calibration[0])
+        )
+        return {name: mean for name, mean in means.items() if name not in feeding}
+
+    def _gptq(
+        self, model: nn.Module, targets: Sequence[str], bits: dict[str, int], calibration: Sequence[Tensor]
+    ) -> None:
+        # Hessians of the float model, factored once per calibration set for every bit-width and grouping.
+        inverses = remembered(
+            calibration,
+            ("inverse_hessians", tuple(targets)),
+            lambda: {name: inverse_hessian(h) for name, h in input_hessians(model, targets, calibration).items()},
+        )
+        fallbacks = []
+        for name, layer_bits in bits.items():
+            module = model.get_submodule(name)
+            inverse = inverses.get(name, InverseHessian(fallback="GPTQ solves Linear and ungrouped Conv2d only"))
+            weight, fallback = gptq_weight(module.weight, layer_bits, self.granularity, inverse)
+            set_weight(module, weight)
+            if fallback:
+                fallbacks.append(f"{name} ({fallback})")
+        if fallbacks:
+            warnings.warn(f"gptq: round-to-nearest for {'; '.join(fallbacks)}", QlightWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -222,33 +313,57 @@ def _drop_unused_attributes(graph_module: torch.fx.GraphModule) -> None:
             delattr(graph_module.get_submodule(owner_path), leaf)
 
 
-_INT = re.compile(r"int(\d+)(?:@(\w+))?")
 _RUNTIME_SUFFIX = {"inductor": "inductor", "onnxruntime": "onnx"}
 _STATIC = {
     f"{base}{suffix}": StaticPT2E(bits, runtime)
     for base, bits in (("int8_static", 8), ("w4a8_static", 4))
     for suffix, runtime in (("", "eager"), ("_inductor", "inductor"), ("_onnx", "onnxruntime"))
 }
+_INT = re.compile(r"int(\d+)((?:\+\w+)*)(?:@(\w+))?")
 
 
 def valid_recipe_names() -> list[str]:
     return [*FLOAT_DTYPES, *(f"int{b}" for b in range(MIN_BITS, MAX_BITS + 1)), *_STATIC]
 
 
-def parse_recipe(name: str, granularity: Granularity = DEFAULT_GRANULARITY) -> Recipe:
-    """``fp32``, ``fp16``, ``bf16``, ``int2``..``int8`` (weight-only; ``granularity`` unless the name
-    ends in ``@per_channel`` or ``@per_kernel_position``), ``int8_static`` or ``w4a8_static``."""
+def parse_recipe(name: str, granularity: Granularity = DEFAULT_GRANULARITY, method: str = "rtn") -> Recipe:
+    """``fp32``, ``fp16``, ``bf16``, ``int2``..``int8`` (weight-only), ``int8_static`` or ``w4a8_static``.
+
+    A weight-only name may name its methods (``int3+gptq+bn_reestimation``, in any order) and its
+    grouping (``int3@per_kernel_position``); ``method`` and ``granularity`` apply to names that do not.
+
+    Raises:
+        QlightError: for an unknown recipe, method or granularity, listing the valid ones.
+    """
     if name in FLOAT_DTYPES:
         return FloatCast(name, FLOAT_DTYPES[name])
     if name in _STATIC:
         return _STATIC[name]
     match = _INT.fullmatch(name)
-    if match and MIN_BITS <= int(match.group(1)) <= MAX_BITS and match.group(2) in (None, *GRANULARITIES):
-        return IntxWeightOnly(int(match.group(1)), match.group(2) or check_granularity(granularity))
+    if match and MIN_BITS <= int(match.group(1)) <= MAX_BITS and match.group(3) in (None, *GRANULARITIES):
+        methods = parse_method(match.group(2)[1:]) if match.group(2) else parse_method(method)
+        return IntxWeightOnly(int(match.group(1)), match.group(3) or check_granularity(granularity), **methods)
     raise QlightError(
         f"unknown quantization recipe {name!r}; valid: {', '.join(valid_recipe_names())}, "
-        f"int<N>@<granularity> with granularity {' or '.join(GRANULARITIES)}"
+        f"int<N>+<method> with method {METHOD_HELP}, int<N>@<granularity> with granularity "
+        f"{' or '.join(GRANULARITIES)}"
     )
+
+
+def parse_method(method: str) -> dict[str, Any]:
+    """``gptq+bias_correction`` -> the matching :class:`IntxWeightOnly` fields (the parts in any order).
+
+    Raises:
+        QlightError: for an unknown part, a repeated one or two roundings, listing the valid ones.
+    """
+    parts = method.split("+")
+    unknown = [part for part in parts if part not in (*ROUNDINGS, *CORRECTIONS)]
+    if unknown:
+        raise QlightError(f"unknown method {unknown[0]!r}; valid: {METHOD_HELP}")
+    roundings = [part for part in parts if part in ROUNDINGS]
+    if len(roundings) > 1 or len(set(parts)) < len(parts):
+        raise QlightError(f"method {method!r} repeats a part or names two roundings; valid: {METHOD_HELP}")
+    return {"rounding": roundings[0] if roundings else "rtn", **{name: name in parts for name in CORRECTIONS}}
 
 
 def check_granularity(granularity: str) -> Granularity:

@@ -46,6 +46,17 @@ def first_bits_with_gap(bits: Sequence[int], acc: Sequence[float], reference: fl
     return None
 
 
+def fewest_bits_within(bits: Sequence[int], acc: Sequence[float], reference: float, gap: float = 0.01) -> int | None:
+    """The fewest measured bits that stay within ``gap`` of ``reference`` with every wider measured
+    bit-width within it too; ``None`` if even the widest is not."""
+    fewest = None
+    for b, a in sorted(zip(bits, acc, strict=True), reverse=True):
+        if reference - a > gap:
+            break
+        fewest = b
+    return fewest
+
+
 def epochs_to_match(acc_per_epoch: Sequence[float], target: float) -> int | None:
     """Number of QAT epochs after which accuracy first reaches ``target`` (1 = after the first)."""
     for epoch, acc in enumerate(acc_per_epoch, start=1):

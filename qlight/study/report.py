@@ -17,10 +17,17 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from qlight.errors import QlightError  # noqa: E402
 from qlight.files import atomic_write_bytes, atomic_write_text  # noqa: E402
-from qlight.study.curves import BitCurve, epochs_to_match, first_bits_with_gap, fit_bit_curve  # noqa: E402
+from qlight.study.curves import (  # noqa: E402
+    BitCurve,
+    epochs_to_match,
+    fewest_bits_within,
+    first_bits_with_gap,
+    fit_bit_curve,
+)
 from qlight.tables import markdown_table, read_csv  # noqa: E402
 
 GAP = 0.01  # "the bit-width where the gap to fp32 first exceeds 1 point"
+WHOLE_MODEL = (None, "cast", "pt2e")  # methods of rows that are not weight-only integer recipes
 FIGURES = ("accuracy_vs_bits", "accuracy_vs_size", "qat_epochs", "precision_loss", "precision_numerics")
 CURVE_MODEL = "acc(b) = plateau - drop * 4^(-b)  (quantization noise variance ~ 2^(-2b)), least squares"
 
@@ -53,7 +60,7 @@ def weight_only_series(ptq: list[dict[str, Any]]) -> dict[str, list[tuple[int, f
     """Measured (bits, top-1) of the weight-only rows, one series per granularity and method."""
     series: dict[str, list[tuple[int, float]]] = {}
     for row in ptq:
-        if row.get("acc1") is not None and row.get("method") not in (None, "cast", "pt2e"):
+        if row.get("acc1") is not None and row.get("method") not in WHOLE_MODEL:
             series.setdefault(f"{row['granularity']} {row['method']}", []).append((row["bits"], row["acc1"]))
     return {label: sorted(points) for label, points in series.items()}
 
@@ -71,7 +78,54 @@ def _bit_curve(points: list[tuple[int, float]], fp32: float) -> dict[str, Any] |
     }
 
 
-def _qat_results(root: Path, ptq_by_name: dict[str, dict[str, Any]], fp32: float | None) -> dict[str, Any]:
+def method_savings(ptq: list[dict[str, Any]], fp32: float) -> list[dict[str, Any]]:
+    """For each granularity and each method other than RTN, the bits it needs to stay within 1 point
+    of fp32 against RTN's: from the fitted curves (fractional) and measured (the fewest bits within 1
+    point, all wider ones within too)."""
+    series = weight_only_series(ptq)
+    savings = []
+    for label, points in series.items():
+        granularity, method = label.split(" ", 1)
+        rtn = series.get(f"{granularity} rtn")
+        if method == "rtn" or rtn is None:
+            continue
+        pair = {"rtn": rtn, "method": points}
+        fitted = {key: _bits_for_gap(p, fp32) for key, p in pair.items()}
+        fewest = {key: fewest_bits_within(*zip(*p, strict=True), fp32, GAP) for key, p in pair.items()}
+        savings.append(
+            {
+                "granularity": granularity,
+                "method": method,
+                "bits_fitted_rtn": fitted["rtn"],
+                "bits_fitted": fitted["method"],
+                "bits_saved_fitted": None if None in fitted.values() else fitted["rtn"] - fitted["method"],
+                "fewest_bits_rtn": fewest["rtn"],
+                "fewest_bits": fewest["method"],
+                "bits_saved_measured": None if None in fewest.values() else fewest["rtn"] - fewest["method"],
+                "lowest_bits_measured": min(b for b, _ in points),
+            }
+        )
+    return savings
+
+
+def _bits_for_gap(points: list[tuple[int, float]], fp32: float) -> float | None:
+    if len({b for b, _ in points}) < 2:
+        return None
+    return fit_bit_curve(*zip(*points, strict=True)).bits_for_gap(fp32, GAP)
+
+
+def _best_ptq_at(ptq: list[dict[str, Any]], bits: int) -> dict[str, dict[str, Any] | None]:
+    """The most accurate weight-only PTQ row at ``bits`` with round-to-nearest, and with any other method."""
+    rows = [r for r in ptq if r["bits"] == bits and r.get("acc1") is not None and r.get("method") not in WHOLE_MODEL]
+    rtn = [r for r in rows if r["method"] == "rtn"]
+    other = [r for r in rows if r["method"] != "rtn"]
+    return {
+        "rtn": max(rtn, key=lambda r: r["acc1"], default=None),
+        "best": max(other, key=lambda r: r["acc1"], default=None),
+    }
+
+
+def _qat_results(root: Path, ptq: list[dict[str, Any]], fp32: float | None) -> dict[str, Any]:
     qat: dict[str, Any] = {}
     for folder in sorted(root.glob("qat_int*"), key=lambda p: -int(p.name.removeprefix("qat_int") or 0)):
         rows = _numeric_csv(folder / "results.csv")
@@ -79,14 +133,15 @@ def _qat_results(root: Path, ptq_by_name: dict[str, dict[str, Any]], fp32: float
             continue
         bits = folder.name.removeprefix("qat_int")
         per_epoch = [r["acc1"] for r in rows if r["fake_quant"] != "converted"]
-        ptq_acc = ptq_by_name.get(f"int{bits}", {}).get("acc1")
         qat[bits] = {
             "acc1_per_epoch": per_epoch,
             "converted_acc1": next((r["acc1"] for r in rows if r["fake_quant"] == "converted"), None),
-            "ptq_acc1": ptq_acc,
-            "epochs_to_match_ptq": epochs_to_match(per_epoch, ptq_acc) if ptq_acc is not None else None,
             "epochs_to_match_fp32": epochs_to_match(per_epoch, fp32) if fp32 is not None else None,
         }
+        for kind, row in _best_ptq_at(ptq, int(bits)).items():
+            qat[bits][f"ptq_{kind}"] = None if row is None else {"recipe": row["recipe"], "acc1": row["acc1"]}
+            matched = None if row is None else epochs_to_match(per_epoch, row["acc1"])
+            qat[bits][f"epochs_to_match_ptq_{kind}"] = matched
     return qat
 
 
@@ -108,7 +163,8 @@ def collect(root: Path) -> dict[str, Any]:
         "ptq": ptq,
         "bit_curve_model": CURVE_MODEL,
         "bit_curves": {label: _bit_curve(points, fp32) for label, points in series.items()} if fp32 else {},
-        "qat": _qat_results(root, by_name, fp32),
+        "method_savings": method_savings(ptq, fp32) if fp32 else [],
+        "qat": _qat_results(root, ptq, fp32),
         "precision": precision,
     }
 
@@ -154,13 +210,15 @@ def _plot_qat_epochs(results: dict[str, Any], ax: plt.Axes) -> bool:
         color = f"C{i}"
         epochs = range(1, len(q["acc1_per_epoch"]) + 1)
         ax.plot(epochs, q["acc1_per_epoch"], "o-", color=color, label=f"QAT int{bits}")
-        if q["ptq_acc1"] is not None:
-            ax.axhline(q["ptq_acc1"], color=color, ls=":", label=f"PTQ int{bits}")
-        if q["epochs_to_match_ptq"]:
-            e = q["epochs_to_match_ptq"]
-            ax.plot([e], [q["acc1_per_epoch"][e - 1]], "*", color=color, markersize=14)
+        for kind, style in (("rtn", ":"), ("best", "-.")):
+            ptq = q[f"ptq_{kind}"]
+            if ptq is not None:
+                ax.axhline(ptq["acc1"], color=color, ls=style, label=f"PTQ {ptq['recipe']}")
+            matched = q[f"epochs_to_match_ptq_{kind}"]
+            if matched:
+                ax.plot([matched], [q["acc1_per_epoch"][matched - 1]], "*", color=color, markersize=14)
     _fp32_line(results, ax)
-    ax.set(xlabel="QAT epoch", ylabel="test top-1 (fake-quant)", title="QAT per epoch (★ = matches PTQ)")
+    ax.set(xlabel="QAT epoch", ylabel="test top-1 (fake-quant)", title="QAT per epoch (★ = matches a PTQ line)")
     ax.legend(fontsize=7)
     return True
 
@@ -284,9 +342,27 @@ def _bit_curve_section(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {label}: plateau {_pct(curve['plateau'])}%, drop {curve['drop']:.3f}; first measured bit-width more "
             f"than 1 point below fp32: {curve['first_bits_gap_over_1pt_measured'] or 'none'}; the fit crosses "
-            f"1 point at {'n/a' if fitted is None else f'{fitted:.2f}'} bits."
+            f"1 point at {_bits(fitted)} bits."
         )
-    return [*lines, ""]
+    lines.append("")
+    lines += [_saving_line(saving) for saving in results["method_savings"]]
+    return [*lines, ""] if results["method_savings"] else lines
+
+
+def _saving_line(saving: dict[str, Any]) -> str:
+    measured = saving["bits_saved_measured"]
+    if measured is not None and saving["fewest_bits"] == saving["lowest_bits_measured"]:
+        measured = f"at least {measured}"  # it may hold below the lowest bit-width measured
+    return (
+        f"- Bits saved at a 1-point gap to fp32 by {saving['method']} over RTN ({saving['granularity']}): "
+        f"{_bits(saving['bits_saved_fitted'])} by the fits ({_bits(saving['bits_fitted'])} bits against "
+        f"{_bits(saving['bits_fitted_rtn'])}), {'n/a' if measured is None else measured} measured (fewest measured "
+        f"bits within 1 point: {saving['fewest_bits'] or 'none'} against {saving['fewest_bits_rtn'] or 'none'})."
+    )
+
+
+def _bits(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _qat_section(results: dict[str, Any]) -> list[str]:
@@ -302,15 +378,26 @@ def _qat_section(results: dict[str, Any]) -> list[str]:
     rows = [
         {
             "bits": b,
-            "PTQ top-1 %": _pct(q["ptq_acc1"]),
+            "PTQ RTN top-1 %": _pct(_acc(q["ptq_rtn"])),
+            "best PTQ top-1 %": _pct(_acc(q["ptq_best"])),
+            "best PTQ recipe": (q["ptq_best"] or {}).get("recipe"),
             "QAT last epoch %": _pct(q["acc1_per_epoch"][-1] if q["acc1_per_epoch"] else None),
             "QAT converted %": _pct(q["converted_acc1"]),
-            "epochs to match PTQ": q["epochs_to_match_ptq"] or "not reached",
+            "epochs to match PTQ RTN": _epochs(q["epochs_to_match_ptq_rtn"], q["ptq_rtn"]),
+            "epochs to match best PTQ": _epochs(q["epochs_to_match_ptq_best"], q["ptq_best"]),
             "epochs to match fp32": q["epochs_to_match_fp32"] or "not reached",
         }
         for b, q in results["qat"].items()
     ]
     return [*lines, markdown_table(rows, list(rows[0]))]
+
+
+def _acc(ptq: dict[str, Any] | None) -> float | None:
+    return None if ptq is None else ptq["acc1"]
+
+
+def _epochs(matched: int | None, ptq: dict[str, Any] | None) -> int | str:
+    return "n/a" if ptq is None else matched or "not reached"
 
 
 def _precision_section(results: dict[str, Any]) -> list[str]:
@@ -411,9 +498,13 @@ def build_report(study_dir: str | Path) -> Path:
 
 def _print_summary(root: Path, results: dict[str, Any]) -> None:
     print(f"\nReport: {root / 'report.md'}")
+    width = max([28, *(len(r["recipe"]) for r in results["ptq"])])
     for r in results["ptq"]:
         size = "" if r.get("size_mib") is None else f"{r['size_mib']:7.2f} MiB"
-        print(f"  PTQ {r['recipe']:<28} top-1 {_pct(r.get('acc1')):>6}%  {size}  {r.get('error') or ''}")
+        print(f"  PTQ {r['recipe']:<{width}} top-1 {_pct(r.get('acc1')):>6}%  {size}  {r.get('error') or ''}")
     for bits, q in results["qat"].items():
-        matched = q["epochs_to_match_ptq"] or "not reached"
-        print(f"  QAT int{bits:<25} top-1 {_pct(q['converted_acc1']):>6}%  epochs to match PTQ: {matched}")
+        matched = {kind: _epochs(q[f"epochs_to_match_ptq_{kind}"], q[f"ptq_{kind}"]) for kind in ("rtn", "best")}
+        print(
+            f"  QAT {'int' + bits:<{width}} top-1 {_pct(q['converted_acc1']):>6}%  "
+            f"epochs to match PTQ RTN: {matched['rtn']}, best PTQ: {matched['best']}"
+        )

@@ -32,6 +32,7 @@ from qlight.data import CIFAR100DataModule
 from qlight.errors import QlightError
 from qlight.files import atomic_write_text
 from qlight.quantization import PostTrainingQuantization, QuantizationAwareTraining
+from qlight.quantization.recipes import BEST_METHOD, DEFAULT_GRANULARITY
 from qlight.study.numerics import PrecisionStats
 from qlight.study.report import FIGURES, build_report
 
@@ -72,6 +73,13 @@ def build_parser() -> ArgumentParser:
         type=list[str],
         default=["fp32", "fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2", "int8_static"],
     )
+    parser.add_argument(
+        "--ptq.methods",
+        type=list[str],
+        default=["rtn", BEST_METHOD],
+        help="weight-only methods run at every bit-width, side by side (see PostTrainingQuantization)",
+    )
+    parser.add_argument("--ptq.granularity", type=list[str], default=[DEFAULT_GRANULARITY])
     parser.add_argument("--ptq.calibration_batches", type=int, default=16)
     parser.add_argument("--qat.bits", type=list[int], default=[8, 4, 3, 2])
     parser.add_argument("--qat.epochs", type=int, default=20)
@@ -169,7 +177,7 @@ class Study:
                 raise QlightError(f"{key} must be at least 1, got {cfg[key]}")
         if cfg.baseline.ckpt and not Path(cfg.baseline.ckpt).is_file():
             raise QlightError(f"baseline checkpoint {cfg.baseline.ckpt} does not exist")
-        PostTrainingQuantization(cfg.ptq.recipes, calibration_batches=cfg.ptq.calibration_batches)
+        self._ptq()
         for bits in cfg.qat.bits:
             QuantizationAwareTraining(weight_bits=bits)
         self._model(lr=cfg.qat.lr)
@@ -321,14 +329,20 @@ class Study:
         }
         atomic_write_text(out / "baseline.json", json.dumps(summary, indent=2))
 
-    def run_ptq(self) -> None:
-        ptq = PostTrainingQuantization(
-            self.config.ptq.recipes,
+    def _ptq(self) -> PostTrainingQuantization:
+        ptq = self.config.ptq
+        return PostTrainingQuantization(
+            ptq.recipes,
+            granularity=ptq.granularity,
+            methods=ptq.methods,
             run_on=["test"],
-            calibration_batches=self.config.ptq.calibration_batches,
+            calibration_batches=ptq.calibration_batches,
             output_dir=str(self.dir / "ptq"),
         )
-        self._trainer("ptq", 1, [ptq]).test(self._model(), self.data, ckpt_path=str(self.baseline_ckpt), verbose=False)
+
+    def run_ptq(self) -> None:
+        trainer = self._trainer("ptq", 1, [self._ptq()])
+        trainer.test(self._model(), self.data, ckpt_path=str(self.baseline_ckpt), verbose=False)
 
     def run_qat(self, bits: int) -> None:
         name = f"qat_int{bits}"
