@@ -6,7 +6,12 @@ from qlight.classifier import ImageClassifier
 from qlight.data import CIFAR100DataModule
 from qlight.errors import QlightError
 from qlight.models import vgg11_bn
-from qlight.quantization import PostTrainingQuantization, QuantizationAwareTraining, load_quantized
+from qlight.quantization import (
+    LayerSensitivity,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    load_quantized,
+)
 
 try:
     __version__ = version("qlight")
@@ -16,6 +21,7 @@ except PackageNotFoundError:  # a source tree that was not installed
 __all__ = [
     "CIFAR100DataModule",
     "ImageClassifier",
+    "LayerSensitivity",
     "PostTrainingQuantization",
     "QlightError",
     "QuantizationAwareTraining",

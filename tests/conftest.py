@@ -40,13 +40,13 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def _trained_digits(tmp_path_factory, width: int) -> Path:
-    from digits import DigitsNet, trainer
+def _trained_digits(tmp_path_factory, width: int, pooled: bool = False) -> Path:
+    from digits import DigitsNet, PooledDigitsNet, trainer
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp(f"digits_w{width}")
     t = trainer(root, max_epochs=8)
-    t.fit(DigitsNet(width=width))
+    t.fit((PooledDigitsNet if pooled else DigitsNet)(width=width))
     path = root / "digits.ckpt"
     t.save_checkpoint(path)
     return path
@@ -63,3 +63,9 @@ def narrow_digits_checkpoint(tmp_path_factory) -> Path:
     """The same CNN at half the width (about 97%): fragile enough that round-to-nearest int2 loses
     about half its accuracy, where the width-8 one loses a few points."""
     return _trained_digits(tmp_path_factory, width=4)
+
+
+@pytest.fixture(scope="session")
+def pooled_digits_checkpoint(tmp_path_factory) -> Path:
+    """:class:`digits.PooledDigitsNet` at width 4 (about 96%), where layers differ in fragility."""
+    return _trained_digits(tmp_path_factory, width=4, pooled=True)

@@ -1,10 +1,19 @@
 import itertools
+import json
 import random
+import re
 
 import pytest
+import torch
+from digits import PooledDigitsNet, trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qlight import QlightError
+from qlight import LayerSensitivity, PostTrainingQuantization, QlightError, load_quantized
 from qlight.quantization.bit_allocation import allocate_bits
+from qlight.quantization.mixed_precision import realised_plan
+from qlight.quantization.sensitivity import weight_bytes
+from qlight.tables import read_csv
 
 
 def brute_force(damage, cost, budget):
@@ -35,3 +44,92 @@ def test_a_budget_below_the_cheapest_plan_names_the_smallest_feasible_one():
     cost = {"a": {2: 10, 8: 40}, "b": {2: 5, 8: 20}}
     with pytest.raises(QlightError, match="smallest feasible budget is 15"):
         allocate_bits({"a": {2: 1.0, 8: 0.0}, "b": {2: 1.0, 8: 0.0}}, cost, 14)
+
+
+def _ptq(tmp_path, checkpoint, recipes, name="ptq", **kwargs):
+    ptq = PostTrainingQuantization(recipes=recipes, output_dir=str(tmp_path / name), speed_repeats=0, **kwargs)
+    trainer(tmp_path / name, [ptq]).test(PooledDigitsNet.load_from_checkpoint(checkpoint))
+    return {row["recipe"]: row for row in read_csv(tmp_path / name / "results.csv")}
+
+
+def _packed_layer_bytes(path):
+    """Bytes of each quantized layer's codes and scales in a saved file, by layer."""
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {
+        key.rpartition(".")[0]: entry["codes"].numel() + entry["scale"].numel() * 5
+        for key, entry in state.items()
+        if isinstance(entry, dict)
+    }
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, pooled_digits_checkpoint):
+    """One PTQ run of uniform int3 and mixed recipes at its bytes and at two file sizes."""
+    root = tmp_path_factory.mktemp("mixed")
+    return _ptq(root, pooled_digits_checkpoint, ["int3", "mixed@3", "mixed@0.0145MiB", "mixed@0.02MiB"]), root / "ptq"
+
+
+def test_mixed_beats_uniform_int3_within_its_bytes_and_the_plan_reloads(tmp_path, mixed_run, pooled_digits_checkpoint):
+    rows, out = mixed_run
+    assert not any(row["error"] for row in rows.values()), rows
+    assert float(rows["mixed@3"]["acc1"]) >= float(rows["int3"]["acc1"]) + 0.02, rows
+    plan = json.loads((out / "mixed@3.plan.json").read_text())
+    assert len(set(plan.values())) > 1 and float(rows["mixed@3"]["bits"]) <= 3
+    # The byte costs the allocator uses are the packed sizes in the file, so the plan's bytes are real.
+    uniform, mixed = _packed_layer_bytes(out / "int3.pt"), _packed_layer_bytes(out / "mixed@3.pt")
+    assert mixed.keys() == uniform.keys() and sum(mixed.values()) <= sum(uniform.values())
+    for layer, bits in plan.items():
+        shape = PooledDigitsNet().get_submodule(layer).weight.shape
+        assert mixed[layer] == weight_bytes(shape, bits, "per_channel")
+    for budget in (0.0145, 0.02):  # a MiB budget holds for the whole file
+        assert int(rows[f"mixed@{budget:g}MiB"]["size_bytes"]) <= budget * 2**20
+    assert realised_plan(load_quantized(out / "mixed@3.pt")) == plan
+    # The saved plan, given back as a plan file, rebuilds the same model.
+    again = _ptq(tmp_path, pooled_digits_checkpoint, [f"mixed@{out / 'mixed@3.plan.json'}"], name="again")
+    reused = again["mixed@mixed@3.plan.json"]
+    assert (reused["acc1"], reused["size_bytes"]) == (rows["mixed@3"]["acc1"], rows["mixed@3"]["size_bytes"])
+
+
+def test_budgets_and_plans_that_cannot_work_say_why(tmp_path, pooled_digits_checkpoint):
+    rows = _ptq(tmp_path, pooled_digits_checkpoint, ["mixed@0.001MiB"])
+    assert re.fullmatch(
+        r"ValueError: mixed@0.001MiB cannot be met: the smallest feasible budget is mixed@0\.0\d+MiB",
+        rows["mixed@0.001MiB"]["error"],
+    )
+    with pytest.raises(QlightError, match="below 2 bits cannot be met; the smallest is mixed@2"):
+        _ptq(tmp_path, pooled_digits_checkpoint, ["mixed@1.5"], name="low")
+    layers = "its quantizable layers: net.0, net.3, net.7, net.10, net.15"
+    for name, plan in [("other", {"features.0": 4}), ("wide", {"net.0": 9}), ("text", {"net.0": "4"})]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(plan))
+        with pytest.raises(QlightError, match=f"plan {re.escape(str(path))} .*; {layers}$"):
+            _ptq(tmp_path, pooled_digits_checkpoint, [f"mixed@{path}"], name=name)
+    with pytest.raises(QlightError, match="no plan file at"):
+        _ptq(tmp_path, pooled_digits_checkpoint, [f"mixed@{tmp_path / 'missing.json'}"], name="missing")
+
+
+def test_a_file_whose_codes_disagree_with_its_plan_is_refused(tmp_path, mixed_run):
+    payload = torch.load(mixed_run[1] / "mixed@3.pt", weights_only=True)
+    path = tmp_path / "mixed@3.pt"
+    layer = next(name for name, bits in payload["plan"].items() if bits != 8)
+    payload["plan"][layer] = 8
+    torch.save(payload, path)
+    with pytest.raises(QlightError, match=f"{layer}.weight holds .*-bit codes, but its recipe or plan gives it 8"):
+        load_quantized(path)
+
+
+def test_layer_sensitivity_writes_its_table_and_figure_and_names_the_layers(tmp_path, pooled_digits_checkpoint):
+    probe = LayerSensitivity(bits=[2, 4, 8], eval_batches=2, output_dir=str(tmp_path / "s"))
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(tmp_path, [probe], logger=logger).test(PooledDigitsNet.load_from_checkpoint(pooled_digits_checkpoint))
+    rows = read_csv(tmp_path / "s" / "sensitivity.csv")
+    assert [(r["layer"], r["bits"]) for r in rows[:3]] == [("net.0", "2"), ("net.0", "4"), ("net.0", "8")]
+    assert len(rows) == 15 and (tmp_path / "s" / "sensitivity.png").stat().st_size > 1000
+    for layer in ("net.0", "net.3", "net.7", "net.10", "net.15"):  # fewer bits, more damage
+        kl = [float(r["kl"]) for r in rows if r["layer"] == layer]
+        assert kl[0] > kl[1] > kl[2] >= 0, (layer, kl)
+    assert float(next(r["acc1"] for r in rows if r["layer"] == "net.0" and r["bits"] == "2")) < 0.9
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.*")))).Reload()
+    assert "sensitivity/kl" in events.Tags()["images"]
+    with pytest.raises(QlightError, match="has no Conv2d or Linear 'net.1'; its quantizable layers: net.0, net.3"):
+        trainer(tmp_path, [LayerSensitivity(layers=["net.1"])]).test(PooledDigitsNet())

@@ -8,6 +8,7 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from qlight.quantization.fake_quant import FakeQuantizedConv2d  # noqa: E402
 from qlight.quantization.intx import GRANULARITIES  # noqa: E402
+from qlight.quantization.mixed_precision import MixedPrecision  # noqa: E402
 from qlight.quantization.ptq import PostTrainingQuantization  # noqa: E402
 from qlight.quantization.qat import QuantizationAwareTraining  # noqa: E402
 from qlight.quantization.recipes import (  # noqa: E402
@@ -19,6 +20,7 @@ from qlight.quantization.recipes import (  # noqa: E402
     quantizable_modules,
     valid_recipe_names,
 )
+from qlight.quantization.sensitivity import LayerSensitivity  # noqa: E402
 from qlight.quantization.serialization import load_quantized, pack_bits, unpack_bits  # noqa: E402
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "FakeQuantizedConv2d",
     "FloatCast",
     "IntxWeightOnly",
+    "LayerSensitivity",
+    "MixedPrecision",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
     "Recipe",

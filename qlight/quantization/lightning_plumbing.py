@@ -148,3 +148,11 @@ def log_to_loggers(
             for tag, body in (text or {}).items():
                 add_text(tag, body, step)
         logger.save()
+
+
+def log_figure(trainer: Trainer, tag: str, figure: Any) -> None:
+    """A matplotlib figure to the loggers that take one (TensorBoard's ``add_figure``)."""
+    for logger in trainer.loggers:
+        add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
+        if add_figure is not None:
+            add_figure(tag, figure, trainer.global_step)

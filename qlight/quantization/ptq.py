@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 import traceback
 import warnings
@@ -19,7 +20,7 @@ from torch import nn
 from typing_extensions import override
 
 from qlight.errors import QlightError, QlightWarning
-from qlight.files import atomic_write_bytes, exclusive_dir
+from qlight.files import atomic_write_bytes, atomic_write_text, exclusive_dir
 from qlight.quantization.intx import Granularity
 from qlight.quantization.lightning_plumbing import (
     dataloader,
@@ -33,6 +34,7 @@ from qlight.quantization.lightning_plumbing import (
     transferred_batches,
 )
 from qlight.quantization.methods import Calibration
+from qlight.quantization.mixed_precision import MixedPrecision, average_bits, realised_plan
 from qlight.quantization.recipes import (
     DEFAULT_GRANULARITY,
     FloatCast,
@@ -224,6 +226,9 @@ class PostTrainingQuantization(Callback):
         targets = quantizable_modules(source, self.keep_first, self.keep_last)
         if not targets:
             rank_zero_warn(f"PTQ: {type(pl_module).__name__} has no Conv2d or Linear module: nothing is quantized")
+        for recipe in self.recipes:
+            if isinstance(recipe, MixedPrecision):
+                recipe.check(source, targets)  # a plan for another model fails before any work
         calibration = []
         if any(recipe.calibrated for recipe in self.recipes):
             loader = dataloader(trainer, pl_module, "train")
@@ -279,6 +284,11 @@ class PostTrainingQuantization(Callback):
             payload = quantized_bytes(model, recipe, inputs.targets, inputs.source, example)
             if self.save_models and trainer.is_global_zero:
                 atomic_write_bytes(inputs.out / f"{recipe.name}{recipe.suffix}", payload)
+            if isinstance(recipe, MixedPrecision):
+                row["bits"] = round(average_bits(model), 3)
+                if trainer.is_global_zero:
+                    plan = json.dumps(realised_plan(model), indent=1)
+                    atomic_write_text(inputs.out / f"{recipe.name}.plan.json", plan + "\n")
             row.update(acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload))
             row.update(_quantized_counts(model, recipe))
             if self.speed_repeats:

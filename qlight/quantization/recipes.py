@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -159,17 +159,18 @@ class IntxWeightOnly:
         return f"int{self.bits}{methods}{suffix}"
 
     def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
+        plan = {name: self.bits for name in targets if groupable(model.get_submodule(name).weight, self.granularity)}
+        return self.quantize_plan(model, targets, plan, calibration)
+
+    def quantize_plan(
+        self, model: nn.Module, targets: Sequence[str], plan: Mapping[str, int], calibration: Sequence[Tensor] = ()
+    ) -> nn.Module:
+        """Quantize each layer of ``plan`` to its bits (``self.bits`` aside) with this recipe's rounding,
+        grouping and corrections; ``targets`` names the layers whose float statistics methods share."""
         if self.calibrated and not calibration:
             raise QlightError(f"{self.name} needs calibration batches: set calibration_batches to 1 or more")
-        # One bit-width per layer: the methods take a plan, so mixed precision needs no change below.
-        bits = {name: self.bits for name in targets if groupable(model.get_submodule(name).weight, self.granularity)}
         reference = self._float_output_means(model, targets, calibration) if self.bias_correction else {}
-        if self.rounding == "gptq":
-            self._gptq(model, targets, bits, calibration)
-        else:
-            for name, layer_bits in bits.items():
-                module = model.get_submodule(name)
-                set_weight(module, intx_weight(module.weight, layer_bits, self.granularity))
+        self.round_weights(model, targets, plan, calibration)
         if self.bn_reestimation and not reestimate_batchnorm(model, calibration):
             warnings.warn("no BatchNorm: nothing re-estimated", QlightWarning, stacklevel=2)
         if reference:
@@ -179,6 +180,17 @@ class IntxWeightOnly:
                     f"bias_correction skipped {', '.join(without_bias)} (no bias)", QlightWarning, stacklevel=2
                 )
         return model
+
+    def round_weights(
+        self, model: nn.Module, targets: Sequence[str], plan: Mapping[str, int], calibration: Sequence[Tensor] = ()
+    ) -> None:
+        """Only the rounding (``rtn`` or ``gptq``) of the ``plan`` layers, in place, without corrections."""
+        if self.rounding == "gptq":
+            self._gptq(model, targets, plan, calibration)
+            return
+        for name, layer_bits in plan.items():
+            module = model.get_submodule(name)
+            set_weight(module, intx_weight(module.weight, layer_bits, self.granularity))
 
     def _float_output_means(
         self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor]
@@ -195,7 +207,7 @@ class IntxWeightOnly:
         return {name: mean for name, mean in means.items() if name not in feeding}
 
     def _gptq(
-        self, model: nn.Module, targets: Sequence[str], bits: dict[str, int], calibration: Sequence[Tensor]
+        self, model: nn.Module, targets: Sequence[str], bits: Mapping[str, int], calibration: Sequence[Tensor]
     ) -> None:
         # Hessians of the float model, factored once per calibration set for every bit-width and grouping.
         inverses = remembered(
@@ -320,6 +332,7 @@ _STATIC = {
     for suffix, runtime in (("", "eager"), ("_inductor", "inductor"), ("_onnx", "onnxruntime"))
 }
 _INT = re.compile(r"int(\d+)((?:\+\w+)*)(?:@(\w+))?")
+_MIXED = re.compile(r"mixed@(\d+(?:\.\d+)?(?:MiB)?|.+?\.json)((?:\+\w+)*)(?:@(\w+))?")
 
 
 def valid_recipe_names() -> list[str]:
@@ -327,7 +340,8 @@ def valid_recipe_names() -> list[str]:
 
 
 def parse_recipe(name: str, granularity: Granularity = DEFAULT_GRANULARITY, method: str = "rtn") -> Recipe:
-    """``fp32``, ``fp16``, ``bf16``, ``int2``..``int8`` (weight-only), ``int8_static`` or ``w4a8_static``.
+    """``fp32``, ``fp16``, ``bf16``, ``int2``..``int8`` (weight-only), the static recipes, or
+    ``mixed@<budget>`` (:class:`~qlight.quantization.mixed_precision.MixedPrecision`).
 
     A weight-only name may name its methods (``int3+gptq+bn_reestimation``, in any order) and its
     grouping (``int3@per_kernel_position``); ``method`` and ``granularity`` apply to names that do not.
@@ -343,11 +357,26 @@ def parse_recipe(name: str, granularity: Granularity = DEFAULT_GRANULARITY, meth
     if match and MIN_BITS <= int(match.group(1)) <= MAX_BITS and match.group(3) in (None, *GRANULARITIES):
         methods = parse_method(match.group(2)[1:]) if match.group(2) else parse_method(method)
         return IntxWeightOnly(int(match.group(1)), match.group(3) or check_granularity(granularity), **methods)
+    match = _MIXED.fullmatch(name)
+    if match and match.group(3) in (None, *GRANULARITIES):
+        from qlight.quantization.mixed_precision import MixedPrecision  # it builds on IntxWeightOnly
+
+        methods = parse_method(match.group(2)[1:]) if match.group(2) else parse_method(method)
+        base = IntxWeightOnly(MAX_BITS, match.group(3) or check_granularity(granularity), **methods)
+        return MixedPrecision(_budget(match.group(1)), base)
     raise QlightError(
         f"unknown quantization recipe {name!r}; valid: {', '.join(valid_recipe_names())}, "
         f"int<N>+<method> with method {METHOD_HELP}, int<N>@<granularity> with granularity "
-        f"{' or '.join(GRANULARITIES)}"
+        f"{' or '.join(GRANULARITIES)}, mixed@<average bits>, mixed@<size>MiB or mixed@<plan>.json"
     )
+
+
+def _budget(text: str) -> str:
+    """A budget written one way: ``3.0`` -> ``3``, ``1.50MiB`` -> ``1.5MiB``; plan paths as given."""
+    if text.endswith(".json"):
+        return text
+    unit = "MiB" if text.endswith("MiB") else ""
+    return f"{float(text.removesuffix(unit)):g}{unit}"
 
 
 def parse_method(method: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from torchao.quantization import IntxUnpackedToInt8Tensor
 from qlight.errors import QlightError
 from qlight.files import load_torch_file
 from qlight.quantization.intx import code_range, dtype_bits, intx_from_codes, set_weight
-from qlight.quantization.recipes import Recipe, export_batched, parse_recipe
+from qlight.quantization.mixed_precision import MixedPrecision, check_plan, realised_plan
+from qlight.quantization.recipes import Recipe, export_batched, parse_recipe, quantizable_modules
 from qlight.quantization.runtimes import InductorGraph, OnnxRuntimeModule
 
 FORMAT = "qlight.quantized/1"
@@ -102,6 +103,8 @@ def quantized_bytes(
         "targets": list(targets),
         "state_dict": _pack_state(model.state_dict()),
     }
+    if isinstance(recipe, MixedPrecision):
+        payload["plan"] = realised_plan(model)
     torch.save(payload, buffer)
     return buffer.getvalue()
 
@@ -143,8 +146,9 @@ def _instantiate(spec: Any, trusted_modules: Sequence[str], path: Path) -> nn.Mo
         raise QlightError(f"{path}: cannot rebuild {spec['class_path']} ({err})") from None
 
 
-def _quantized_weight(entry: Any, key: str, model_weight: Tensor, recipe: Recipe, path: Path) -> Tensor:
-    """Check one packed weight against the model and the recipe, then build its torchao tensor."""
+def _quantized_weight(entry: Any, key: str, model_weight: Tensor, expected_bits: int, path: Path) -> Tensor:
+    """Check one packed weight against the model and the bits the file's recipe or plan gives it, then
+    build its torchao tensor."""
 
     def bad(why: str) -> QlightError:
         return QlightError(f"{path}: {key} {why}")
@@ -152,8 +156,8 @@ def _quantized_weight(entry: Any, key: str, model_weight: Tensor, recipe: Recipe
     if not isinstance(entry, dict) or not {"codes", "shape", "bits", "scale"} <= set(entry):
         raise bad("is not a packed weight")
     bits, shape, scale = entry["bits"], tuple(entry["shape"]), entry["scale"]
-    if bits != recipe.bits:
-        raise bad(f"holds {bits}-bit codes, but recipe {recipe.name} has {recipe.bits} bits")
+    if bits != expected_bits:
+        raise bad(f"holds {bits}-bit codes, but its recipe or plan gives it {expected_bits} bits")
     if shape != tuple(model_weight.shape):
         raise bad(f"has shape {shape}, the model's weight {tuple(model_weight.shape)}: another architecture?")
     codes = entry["codes"] if bits == 8 else unpack_bits(entry["codes"], bits, shape)
@@ -174,7 +178,8 @@ def _quantized_weight(entry: Any, key: str, model_weight: Tensor, recipe: Recipe
         raise bad(str(err)) from None
 
 
-def _restore(model: nn.Module, state: dict[str, Any], recipe: Recipe, path: Path) -> None:
+def _restore(model: nn.Module, state: dict[str, Any], bits: Mapping[str, int], path: Path) -> None:
+    """Load ``state`` into ``model``, each packed weight checked against its layer's ``bits``."""
     current = model.state_dict()
     missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
     if missing or unexpected:
@@ -185,8 +190,10 @@ def _restore(model: nn.Module, state: dict[str, Any], recipe: Recipe, path: Path
     plain = {}
     for key, value in state.items():
         if isinstance(value, dict):
-            owner = model.get_submodule(key.rpartition(".")[0])
-            set_weight(owner, _quantized_weight(value, key, current[key], recipe, path))
+            layer = key.rpartition(".")[0]
+            if layer not in bits:
+                raise QlightError(f"{path}: {key} is quantized, but the file's plan leaves {layer} float")
+            set_weight(model.get_submodule(layer), _quantized_weight(value, key, current[key], bits[layer], path))
         elif not torch.is_tensor(value) or value.shape != current[key].shape:
             raise QlightError(f"{path}: {key} does not match the model's {tuple(current[key].shape)}")
         else:
@@ -271,5 +278,13 @@ def load_quantized(
     if recipe.static or not isinstance(payload.get("state_dict"), dict):
         raise QlightError(f"{path} is not a qlight quantized model file")
     model = (model if model is not None else _instantiate(payload.get("model"), trusted_modules, path)).to(map_location)
-    _restore(model, payload["state_dict"], recipe, path)
+    targets = quantizable_modules(model)
+    if isinstance(recipe, MixedPrecision):
+        plan = payload.get("plan")
+        if not isinstance(plan, dict):
+            raise QlightError(f"{path} holds no per-layer plan: it is not a qlight quantized model file")
+        check_plan(plan, model, targets, str(path))
+    else:
+        plan = dict.fromkeys(targets, recipe.bits)
+    _restore(model, payload["state_dict"], plan, path)
     return model.eval()

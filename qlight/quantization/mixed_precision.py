@@ -1,0 +1,217 @@
+"""Mixed precision: bits per layer, chosen from each layer's sensitivity under a size budget, or read
+from a plan file.
+
+torchao quantizes every layer it is given at one bit-width and has no allocator; this recipe measures
+the layers (:mod:`~qlight.quantization.sensitivity`), allocates exactly
+(:mod:`~qlight.quantization.bit_allocation`) and hands the plan to :class:`IntxWeightOnly`, so every
+rounding, grouping and correction works per layer as it does uniformly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchao.quantization import IntxUnpackedToInt8Tensor
+
+from qlight.errors import QlightError
+from qlight.quantization.bit_allocation import Plan, allocate_bits
+from qlight.quantization.intx import MAX_BITS, MIN_BITS, dtype_bits, groupable
+from qlight.quantization.methods import remembered
+from qlight.quantization.recipes import DEFAULT_GRANULARITY, IntxWeightOnly
+from qlight.quantization.sensitivity import layer_sensitivity, weight_bytes
+
+CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
+ALIGNMENT = 64  # torch.save aligns every tensor record to 64 bytes: a plan's bytes can move by that much
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """Weight-only quantization with bits per layer (2..8). A budget recipe quantizes each layer alone
+    at each bit-width on the calibration batches, takes the KL divergence of the logits from the float
+    model as the layer's damage, and allocates the bits that minimise the summed damage within the
+    budget (an exact knapsack over the bytes each layer takes in qlight's files).
+
+    Args:
+        budget: ``"3"`` (average bits per quantized weight: at most the bytes uniform int3 takes),
+            ``"1.5MiB"`` (the saved file's size) or a plan file ``"plan.json"`` (layer -> bits, used
+            as it is; layers it leaves out stay float).
+        base: the rounding, grouping and corrections every layer gets (its ``bits`` is not used).
+    """
+
+    budget: str
+    base: IntxWeightOnly = IntxWeightOnly(MAX_BITS)
+    static = False
+    input_dtype = torch.float32
+    runtime = "eager"
+    suffix = ".pt"
+    bits = MAX_BITS  # the most any layer may get; a row shows the realised average
+
+    @property
+    def granularity(self) -> str:
+        return self.base.granularity
+
+    @property
+    def method(self) -> str:
+        return self.base.method
+
+    @property
+    def calibrated(self) -> bool:
+        return self.base.calibrated or self.plan_file is None
+
+    @property
+    def plan_file(self) -> Path | None:
+        return Path(self.budget) if self.budget.endswith(".json") else None
+
+    @property
+    def name(self) -> str:
+        methods = "".join(f"+{m}" for m in self.method.split("+") if m != "rtn")
+        suffix = "" if self.granularity == DEFAULT_GRANULARITY else f"@{self.granularity}"
+        budget = self.plan_file.name if self.plan_file else self.budget
+        return f"mixed@{budget}{methods}{suffix}"
+
+    def check(self, model: nn.Module, targets: Sequence[str]) -> None:
+        """Fail early on a plan file that does not fit the model, or an average-bits budget below 2."""
+        if self.plan_file is not None:
+            check_plan(read_plan(self.plan_file), model, targets, str(self.plan_file))
+        elif not self.budget.endswith("MiB") and float(self.budget) < MIN_BITS:
+            raise QlightError(f"{self.name}: a budget below {MIN_BITS} bits cannot be met; the smallest is mixed@2")
+
+    def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
+        self.check(model, targets)
+        if self.calibrated and not calibration:
+            raise QlightError(f"{self.name} needs calibration batches: set calibration_batches to 1 or more")
+        plan = read_plan(self.plan_file) if self.plan_file else self.allocate(model, targets, calibration)
+        return self.base.quantize_plan(model, targets, plan, calibration)
+
+    def allocate(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor]) -> Plan:
+        """The plan of least summed KL divergence within the budget (``model`` is left as it was)."""
+        layers = [name for name in targets if groupable(model.get_submodule(name).weight, self.granularity)]
+        cost = {
+            name: {
+                bits: weight_bytes(model.get_submodule(name).weight.shape, bits, self.granularity)
+                for bits in CANDIDATE_BITS
+            }
+            for name in layers
+        }
+        budget = self.budget_bytes(model, targets, layers)
+        if sum(min(c.values()) for c in cost.values()) > budget:  # only a MiB budget: bits are checked above
+            smallest = (self._fixed_bytes(model, targets, layers) + sum(min(c.values()) for c in cost.values())) / 2**20
+            raise ValueError(f"{self.name} cannot be met: the smallest feasible budget is mixed@{_ceil(smallest)}MiB")
+        key = ("sensitivity", tuple(layers), self.base.rounding, self.granularity)
+        rows = remembered(calibration, key, lambda: self.sensitivity(model, targets, layers, calibration))
+        damage: dict[str, dict[int, float]] = {}
+        for row in rows:
+            damage.setdefault(row["layer"], {})[row["bits"]] = row["kl"]
+        plan = allocate_bits(damage, cost, budget)
+        # Summed damage is a model of the joint damage; where the best uniform plan that fits does
+        # less joint damage on the calibration batches, it is the better plan.
+        uniform = max((b for b in CANDIDATE_BITS if sum(cost[n][b] for n in layers) <= budget), default=None)
+        if uniform is None or all(bits == uniform for bits in plan.values()):
+            return plan
+        return min(plan, dict.fromkeys(layers, uniform), key=lambda p: self._joint_kl(model, targets, p, calibration))
+
+    def _joint_kl(self, model: nn.Module, targets: Sequence[str], plan: Plan, calibration: Sequence[Tensor]) -> float:
+        quantized = copy.deepcopy(model)
+        self.base.round_weights(quantized, targets, plan, calibration)
+        with torch.no_grad():
+            return sum(
+                float(F.kl_div(quantized(x).log_softmax(1), model(x).log_softmax(1), log_target=True, reduction="sum"))
+                for x in calibration
+            )
+
+    def sensitivity(
+        self, model: nn.Module, targets: Sequence[str], layers: Sequence[str], calibration: Sequence[Tensor]
+    ) -> list[dict]:
+        """Rows of :func:`layer_sensitivity` for ``layers`` on the calibration batches (no labels)."""
+        return layer_sensitivity(
+            model,
+            layers,
+            CANDIDATE_BITS,
+            calibration,
+            lambda m, name, bits: self.base.round_weights(m, targets, {name: bits}, calibration),
+            self.granularity,
+        )
+
+    def budget_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str]) -> int:
+        """What the quantized layers may take in total, in bytes."""
+        if self.budget.endswith("MiB"):
+            return int(float(self.budget[:-3]) * 2**20) - self._fixed_bytes(model, targets, layers)
+        bits = float(self.budget)
+        return sum(weight_bytes(model.get_submodule(name).weight.shape, bits, self.granularity) for name in layers)
+
+    def _fixed_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str]) -> int:
+        """The file's bytes besides the quantized layers' codes and scales, measured on a 2-bit copy,
+        plus the alignment a different plan may add."""
+        from qlight.quantization.serialization import quantized_bytes
+
+        plan = dict.fromkeys(layers, MIN_BITS)
+        smallest = IntxWeightOnly(MIN_BITS, self.granularity).quantize_plan(copy.deepcopy(model), targets, plan)
+        layer_bytes = sum(weight_bytes(model.get_submodule(n).weight.shape, MIN_BITS, self.granularity) for n in layers)
+        size = len(quantized_bytes(smallest, self, targets, model, torch.empty(0)))
+        return size - layer_bytes + ALIGNMENT * len(layers)
+
+
+def _ceil(mib: float) -> str:
+    """``mib`` rounded up to 3 significant digits, as a budget would be written."""
+    digits = max(0, 2 - math.floor(math.log10(mib)))
+    return f"{math.ceil(mib * 10**digits) / 10**digits:.{digits}f}"
+
+
+def read_plan(path: Path) -> Plan:
+    """A plan file: a JSON object of layer name -> bits."""
+    try:
+        plan = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QlightError(f"no plan file at {path}: write a JSON object of layer -> bits") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QlightError(f"{path} is not a JSON plan of layer -> bits ({err})") from None
+    if not isinstance(plan, dict):
+        raise QlightError(f"{path} is not a JSON plan: write an object of layer -> bits")
+    return plan
+
+
+def check_plan(plan: Mapping[str, int], model: nn.Module, targets: Sequence[str], source: str) -> None:
+    """Every layer of ``plan`` is one of ``targets`` and has 2..8 bits; the error lists the layers."""
+    unknown = [name for name in plan if name not in targets]
+    outside = [
+        name
+        for name, bits in plan.items()
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS
+    ]
+    if unknown or outside:
+        what = (
+            f"names {unknown[0]!r}, not a quantizable layer"
+            if unknown
+            else f"gives {outside[0]!r} {plan[outside[0]]} bits, outside {MIN_BITS}..{MAX_BITS}"
+        )
+        raise QlightError(
+            f"plan {source} {what} of {type(model).__name__}; its quantizable layers: {', '.join(targets)}"
+        )
+
+
+def realised_plan(model: nn.Module) -> Plan:
+    """The bits each quantized weight of ``model`` holds, by layer name."""
+    return {
+        name: dtype_bits(module.weight.target_dtype)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), IntxUnpackedToInt8Tensor)
+    }
+
+
+def average_bits(model: nn.Module) -> float:
+    """Bits per quantized weight of ``model``, weighted by the weights' sizes."""
+    sizes = {
+        name: module.weight.numel()
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), IntxUnpackedToInt8Tensor)
+    }
+    plan = realised_plan(model)
+    return sum(plan[name] * count for name, count in sizes.items()) / max(1, sum(sizes.values()))
