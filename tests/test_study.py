@@ -86,7 +86,7 @@ TINY = [
     "--data.val_size=64",
     "--data.batch_size=32",
     "--baseline.epochs=1",
-    "--ptq.recipes=[fp32, bf16, int8, int4, int2]",
+    "--ptq.recipes=[fp32, bf16, int8, int4, int2, mixed@3]",
     "--ptq.calibration_batches=1",
     "--qat.bits=[4, 2]",
     "--qat.epochs=2",
@@ -117,6 +117,7 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     report = (root / "report.md").read_text()
     for section in (
         "## Post-training quantization",
+        "## Mixed precision: bits per layer",
         "## Accuracy vs bit-width",
         "## Quantization-aware training",
         "## fp16 vs bf16",
@@ -131,7 +132,9 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     results = json.loads((root / "results.json").read_text())
     # RTN and the best method side by side at every bit-width: two curves, and the bits one saves.
     best = "gptq+bn_reestimation+bias_correction"
-    assert set(results["bit_curves"]) == {"per_channel rtn", f"per_channel {best}"}
+    assert set(results["bit_curves"]) == {"per_channel rtn", f"per_channel {best}"}  # mixed rows are not uniform
+    assert set(results["plans"]) == {"mixed@3", f"mixed@3+{best}"}
+    assert all(len(plan) == 11 and set(plan.values()) <= set(range(2, 9)) for plan in results["plans"].values())
     assert [s["method"] for s in results["method_savings"]] == [best] and "Bits saved at a 1-point gap" in report
     csv_rows = {r["recipe"]: float(r["acc1"]) for r in read_csv(root / "ptq" / "results.csv")}
     assert {r["recipe"]: r["acc1"] for r in results["ptq"]} == csv_rows

@@ -60,9 +60,27 @@ def weight_only_series(ptq: list[dict[str, Any]]) -> dict[str, list[tuple[int, f
     """Measured (bits, top-1) of the weight-only rows, one series per granularity and method."""
     series: dict[str, list[tuple[int, float]]] = {}
     for row in ptq:
-        if row.get("acc1") is not None and row.get("method") not in WHOLE_MODEL:
+        if row.get("acc1") is not None and row.get("method") not in WHOLE_MODEL and not _mixed(row):
             series.setdefault(f"{row['granularity']} {row['method']}", []).append((row["bits"], row["acc1"]))
     return {label: sorted(points) for label, points in series.items()}
+
+
+def _mixed(row: dict[str, Any]) -> bool:
+    return str(row["recipe"]).startswith("mixed@")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (size, accuracy) points that no smaller-or-equal point beats in accuracy, by size."""
+    front: list[tuple[float, float]] = []
+    for size, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or acc > front[-1][1]:
+            front.append((size, acc))
+    return front
+
+
+def _plans(root: Path) -> dict[str, dict[str, int]]:
+    """The bits per layer of each mixed-precision PTQ recipe, from its ``.plan.json``."""
+    return {path.name.removesuffix(".plan.json"): _json(path) for path in sorted((root / "ptq").glob("*.plan.json"))}
 
 
 def _bit_curve(points: list[tuple[int, float]], fp32: float) -> dict[str, Any] | None:
@@ -164,6 +182,7 @@ def collect(root: Path) -> dict[str, Any]:
         "bit_curve_model": CURVE_MODEL,
         "bit_curves": {label: _bit_curve(points, fp32) for label, points in series.items()} if fp32 else {},
         "method_savings": method_savings(ptq, fp32) if fp32 else [],
+        "plans": _plans(root),
         "qat": _qat_results(root, ptq, fp32),
         "precision": precision,
     }
@@ -193,13 +212,22 @@ def _plot_accuracy_vs_bits(results: dict[str, Any], ax: plt.Axes) -> bool:
 
 
 def _plot_accuracy_vs_size(results: dict[str, Any], ax: plt.Axes) -> bool:
-    sized = [(r["size_mib"], r["acc1"], r["recipe"]) for r in results["ptq"] if r.get("size_mib") and r.get("acc1")]
-    if not sized:
+    weight_only = [r for r in results["ptq"] if r.get("size_mib") and r.get("acc1") and r["method"] not in WHOLE_MODEL]
+    if not weight_only:
         return False
-    ax.plot([s for s, _, _ in sized], [a for _, a, _ in sized], "o")
-    for size, acc, name in sized:
-        ax.annotate(name, (size, acc), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    ax.set(xscale="log", xlabel="file size (MiB, log)", ylabel="test top-1", title="Accuracy vs model size")
+    for label, rows, marker in (
+        ("uniform", [r for r in weight_only if not _mixed(r)], "o"),
+        ("mixed precision", [r for r in weight_only if _mixed(r)], "D"),
+    ):
+        if rows:
+            ax.plot([r["size_mib"] for r in rows], [r["acc1"] for r in rows], marker, ls="", label=label)
+    for r in weight_only:
+        ax.annotate(r["recipe"].split("+")[0], (r["size_mib"], r["acc1"]), xytext=(3, 3), textcoords="offset points")
+    front = pareto_front([(r["size_mib"], r["acc1"]) for r in weight_only])
+    ax.plot(*zip(*front, strict=True), "-", color="black", alpha=0.4, label="Pareto front")
+    _fp32_line(results, ax)
+    ax.set(xlabel="file size (MiB)", ylabel="test top-1", title="Accuracy vs model size (weight-only PTQ)")
+    ax.legend(fontsize=7)
     return True
 
 
@@ -331,6 +359,16 @@ def _ptq_section(results: dict[str, Any]) -> list[str]:
     return [*lines, markdown_table(rows, list(rows[0]))]
 
 
+def _plan_section(results: dict[str, Any]) -> list[str]:
+    plans = results["plans"]
+    if not plans:
+        return []
+    layers = list(dict.fromkeys(layer for plan in plans.values() for layer in plan))
+    rows = [{"layer": layer, **{name: plan.get(layer, "float") for name, plan in plans.items()}} for layer in layers]
+    intro = "Bits per layer that each mixed-precision recipe chose (``<recipe>.plan.json`` in ``ptq/``)."
+    return ["## Mixed precision: bits per layer", "", intro, "", markdown_table(rows, list(rows[0])), ""]
+
+
 def _bit_curve_section(results: dict[str, Any]) -> list[str]:
     lines = ["## Accuracy vs bit-width", ""]
     curves = {label: curve for label, curve in results["bit_curves"].items() if curve}
@@ -445,7 +483,7 @@ def _precision_section(results: dict[str, Any]) -> list[str]:
 
 
 def _markdown(results: dict[str, Any], images: list[str]) -> str:
-    lines = _header(results) + _ptq_section(results) + _bit_curve_section(results)
+    lines = _header(results) + _ptq_section(results) + _plan_section(results) + _bit_curve_section(results)
     lines += _qat_section(results) + _precision_section(results)
     lines += ["## Plots", ""] + [f"![{name}]({name}.png)" for name in images] + [""]
     if results["errors"]:
