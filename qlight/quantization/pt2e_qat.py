@@ -13,6 +13,7 @@ the fixes below (torch 2.14, torchao 0.18, Lightning 2.6), each in the function 
   ``GraphModule`` keep no instance attributes, so ``train``/``eval`` are kept through ``meta``.
 - :func:`convert`: ``convert_pt2e`` folds BatchNorm with eps 1e-5 whatever the layer's, and takes
   the weight scales from the observers' formula instead of those the fused fake-quant trained with.
+- both: torchao exports its conv-bn pattern graphs for every kind of conv, present or not (slow).
 - :func:`sync_observers`: under DDP each rank updates its own observers and BatchNorm statistics.
 """
 
@@ -88,7 +89,8 @@ def prepare(net: nn.Module, example: Tensor, quantizer) -> GraphModule:
         raise _untraceable(net, err) from None
     finally:
         net.train(was_training)
-    prepared = prepare_qat_pt2e(graph, quantizer)
+    with _patterns_for_convs_in(graph):
+        prepared = prepare_qat_pt2e(graph, quantizer)
     _restore_batch_norm_literals(prepared, net)
     prepared.meta[_STATE] = {"observers_frozen": False, "bn_frozen": False}
     methods = {"train": types.MethodType(_train, prepared), "eval": types.MethodType(_eval, prepared)}
@@ -97,6 +99,28 @@ def prepare(net: nn.Module, example: Tensor, quantizer) -> GraphModule:
     prepared.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = methods  # GraphModule.__deepcopy__ sets these on the copy
     set_phase(prepared, True)
     return prepared
+
+
+@contextlib.contextmanager
+def _patterns_for_convs_in(graph: GraphModule) -> Iterator[None]:
+    """torchao matches its conv-bn patterns for each of conv1d, conv2d and the two transposed convs,
+    exporting every pattern graph first (3 per kind to prepare, 24 to convert: about 25 s on 2 cores):
+    try only the kinds ``graph`` holds."""
+    from torchao.quantization.pt2e import qat_utils
+
+    present = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+
+    def for_present_convs(helper: Callable) -> Callable:
+        def run(m: GraphModule, conv_fn: Callable, *args: Any, **kwargs: Any) -> GraphModule:
+            op = _CONVS.get(conv_fn)
+            return m if op is not None and op not in present else helper(m, conv_fn, *args, **kwargs)
+
+        return run
+
+    with contextlib.ExitStack() as stack:
+        for name in ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper"):
+            stack.enter_context(mock.patch.object(qat_utils, name, for_present_convs(getattr(qat_utils, name))))
+        yield
 
 
 def _restore_batch_norm_literals(prepared: GraphModule, net: nn.Module) -> None:
@@ -199,7 +223,7 @@ def convert(graph: GraphModule) -> GraphModule:
     _absorb_eps(model)
     _use_trained_qparams(fake_quantizers(model))
     _drop_batch_counting(model)
-    with _fold_only_convs_present(model):
+    with _patterns_for_convs_in(model):
         converted = convert_pt2e(model)
     _drop_unused_attributes(converted)
     for name in ("train", "eval"):  # an inference graph: nn.Module's own train/eval again
@@ -207,23 +231,6 @@ def convert(graph: GraphModule) -> GraphModule:
     for key in (_STATE, _USER_PRESERVED_ATTRIBUTES_KEY):
         converted.meta.pop(key, None)
     return converted
-
-
-@contextlib.contextmanager
-def _fold_only_convs_present(graph: GraphModule) -> Iterator[None]:
-    """convert_pt2e's BatchNorm fold exports 24 pattern graphs for each of conv1d, conv2d and the two
-    transposed convs (about 0.25 s each, 25 s in all on 2 cores): skip the kinds ``graph`` lacks."""
-    from torchao.quantization.pt2e import qat_utils
-
-    fold = qat_utils._fold_conv_bn_qat_helper
-    present = {node.target for node in graph.graph.nodes if node.op == "call_function"}
-
-    def fold_if_present(m: GraphModule, conv_fn: Callable, *args: Any, **kwargs: Any) -> GraphModule:
-        op = _CONVS.get(conv_fn)
-        return m if op is not None and op not in present else fold(m, conv_fn, *args, **kwargs)
-
-    with mock.patch.object(qat_utils, "_fold_conv_bn_qat_helper", fold_if_present):
-        yield
 
 
 def _absorb_eps(graph: GraphModule) -> None:
