@@ -252,6 +252,16 @@ class QuantizationAwareTraining(QATResults):
             "learned_scales": self.learned_scales,
         }
 
+    @classmethod
+    def missing_callback_error(cls, settings: dict[str, Any]) -> str:
+        """What to say when a checkpoint trained with this callback (``settings``: its saved state) is
+        loaded into a Trainer without it."""
+        bits = settings.get("weight_bits")
+        return (
+            f"this checkpoint was trained with {cls.__name__} (int{bits}); without that callback it would run the "
+            f"float model: add {cls.__name__}(weight_bits={bits}) to the trainer"
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**self._settings(), "results": self.results}
