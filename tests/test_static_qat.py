@@ -262,6 +262,8 @@ def test_bad_input_is_one_line(tmp_path):
         StaticQuantizationAwareTraining(weight_bits=3)
     with pytest.raises(QlightError, match="freeze_bn_epoch must be 0 or more"):
         StaticQuantizationAwareTraining(freeze_bn_epoch=-1)
+    with pytest.raises(QlightError, match="freeze_observer_epoch must be 1 or more"):
+        StaticQuantizationAwareTraining(freeze_observer_epoch=0)
 
     lines, start = inspect.getsourcelines(Branchy.forward)
     branch = next(start + i for i, line in enumerate(lines) if "if y.sum()" in line)

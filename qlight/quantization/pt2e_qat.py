@@ -214,11 +214,11 @@ def sync_observers(graph: GraphModule) -> None:
 
 
 def convert(graph: GraphModule) -> GraphModule:
-    """An int8 graph converted from a copy of ``graph`` (BatchNorm folded into the conv weights)
-    that computes what ``graph`` computes in eval mode."""
+    """An int8 graph on the CPU (where its kernels are), converted from a copy of ``graph`` with
+    BatchNorm folded into the conv weights, that computes what ``graph`` computes in eval mode."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    model = copy.deepcopy(graph)
+    model = copy.deepcopy(graph).cpu()
     set_phase(model, False)
     _absorb_eps(model)
     _use_trained_qparams(fake_quantizers(model))

@@ -69,7 +69,8 @@ class StaticQuantizationAwareTraining(QATResults):
         network: the attribute of the LightningModule that holds the network to export and train
             (``model`` in :class:`~qlight.ImageClassifier`); it must be traceable by ``torch.export``
             and take one batch of inputs.
-        freeze_observer_epoch: from this epoch on the activation ranges and weight scales stay fixed.
+        freeze_observer_epoch: from this epoch on (1 or more) the activation ranges and weight scales
+            stay fixed.
         freeze_bn_epoch: from this epoch on BatchNorm layers use their running statistics.
         keep_first: leave the first Conv2d/Linear of the network in float.
         keep_last: leave the last Conv2d/Linear of the network in float.
@@ -145,9 +146,13 @@ class StaticQuantizationAwareTraining(QATResults):
             )
         if not isinstance(network, str) or not network.isidentifier():
             raise QlightError(f"network must name an attribute of the LightningModule, got {network!r}")
-        for name, epoch in (("freeze_observer_epoch", freeze_observer_epoch), ("freeze_bn_epoch", freeze_bn_epoch)):
-            if epoch is not None and epoch < 0:
-                raise QlightError(f"{name} must be 0 or more, got {epoch}")
+        if freeze_observer_epoch is not None and freeze_observer_epoch < 1:
+            raise QlightError(
+                f"freeze_observer_epoch must be 1 or more (the observers need an epoch to find the ranges), got "
+                f"{freeze_observer_epoch}"
+            )
+        if freeze_bn_epoch is not None and freeze_bn_epoch < 0:
+            raise QlightError(f"freeze_bn_epoch must be 0 or more, got {freeze_bn_epoch}")
         check_eval_split(eval_split)
 
     @property
