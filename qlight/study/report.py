@@ -71,16 +71,27 @@ def _bit_curve(points: list[tuple[int, float]], fp32: float) -> dict[str, Any] |
     }
 
 
+def _qat_folders(root: Path) -> list[tuple[str, Path, str]]:
+    """(key, folder, the PTQ recipe it is compared with): weight-only QAT by bits, high to low, then
+    W8A8, the graph PTQ's int8_static calibrates."""
+    weight_only = sorted(root.glob("qat_int*"), key=lambda p: -int(p.name.removeprefix("qat_int") or 0))
+    folders = [(p.name.removeprefix("qat_int"), p, f"int{p.name.removeprefix('qat_int')}") for p in weight_only]
+    return [*folders, ("w8a8", root / "qat_w8a8", "int8_static")]
+
+
 def _qat_results(root: Path, ptq_by_name: dict[str, dict[str, Any]], fp32: float | None) -> dict[str, Any]:
+    """Per QAT stage (keyed by weight bits, or ``w8a8``): its per-epoch and converted accuracy against
+    the PTQ recipe of the same quantized model and fp32."""
     qat: dict[str, Any] = {}
-    for folder in sorted(root.glob("qat_int*"), key=lambda p: -int(p.name.removeprefix("qat_int") or 0)):
+    for key, folder, ptq_recipe in _qat_folders(root):
         rows = _numeric_csv(folder / "results.csv")
         if not rows:
             continue
-        bits = folder.name.removeprefix("qat_int")
         per_epoch = [r["acc1"] for r in rows if r["fake_quant"] != "converted"]
-        ptq_acc = ptq_by_name.get(f"int{bits}", {}).get("acc1")
-        qat[bits] = {
+        ptq_acc = ptq_by_name.get(ptq_recipe, {}).get("acc1")
+        qat[key] = {
+            "label": f"int{key}" if key.isdigit() else key.upper(),
+            "ptq_recipe": ptq_recipe,
             "acc1_per_epoch": per_epoch,
             "converted_acc1": next((r["acc1"] for r in rows if r["fake_quant"] == "converted"), None),
             "ptq_acc1": ptq_acc,
@@ -127,9 +138,10 @@ def _plot_accuracy_vs_bits(results: dict[str, Any], ax: plt.Axes) -> bool:
         if curve:
             fitted = BitCurve(curve["plateau"], curve["drop"])
             ax.plot(grid, [fitted(b) for b in grid], "-", color=f"C{i}", alpha=0.5)
-    qat = [(int(b), q["converted_acc1"]) for b, q in results["qat"].items() if q["converted_acc1"] is not None]
+    weight_only = {b: q for b, q in results["qat"].items() if b.isdigit()}  # W8A8 has activations quantized too
+    qat = [(int(b), q["converted_acc1"]) for b, q in weight_only.items() if q["converted_acc1"] is not None]
     if qat:
-        ax.plot(*zip(*sorted(qat), strict=True), "s", color="black", label="QAT (converted)")
+        ax.plot(*zip(*sorted(qat), strict=True), "s", color="black", label="QAT weight-only (converted)")
     _fp32_line(results, ax)
     ax.set(xlabel="weight bits", ylabel="test top-1", title="Accuracy vs bit-width (lines: plateau - drop·4^-b)")
     ax.legend(fontsize=7)
@@ -150,12 +162,12 @@ def _plot_accuracy_vs_size(results: dict[str, Any], ax: plt.Axes) -> bool:
 def _plot_qat_epochs(results: dict[str, Any], ax: plt.Axes) -> bool:
     if not results["qat"]:
         return False
-    for i, (bits, q) in enumerate(results["qat"].items()):
+    for i, q in enumerate(results["qat"].values()):
         color = f"C{i}"
         epochs = range(1, len(q["acc1_per_epoch"]) + 1)
-        ax.plot(epochs, q["acc1_per_epoch"], "o-", color=color, label=f"QAT int{bits}")
+        ax.plot(epochs, q["acc1_per_epoch"], "o-", color=color, label=f"QAT {q['label']}")
         if q["ptq_acc1"] is not None:
-            ax.axhline(q["ptq_acc1"], color=color, ls=":", label=f"PTQ int{bits}")
+            ax.axhline(q["ptq_acc1"], color=color, ls=":", label=f"PTQ {q['ptq_recipe']}")
         if q["epochs_to_match_ptq"]:
             e = q["epochs_to_match_ptq"]
             ax.plot([e], [q["acc1_per_epoch"][e - 1]], "*", color=color, markersize=14)
@@ -294,21 +306,23 @@ def _qat_section(results: dict[str, Any]) -> list[str]:
         "## Quantization-aware training",
         "",
         "From the baseline, fake-quant on every Conv2d and Linear, evaluated on the test set after each epoch "
-        "(the same split as PTQ).",
+        "(the same split as PTQ). intN: weights only (activations float); W8A8: int8 weights and static int8 "
+        "activations with BatchNorm folded (torchao PT2E), the graph PTQ's int8_static calibrates.",
         "",
     ]
     if not results["qat"]:
         return [*lines, "(no QAT results)", ""]
     rows = [
         {
-            "bits": b,
+            "QAT": q["label"],
+            "PTQ": q["ptq_recipe"],
             "PTQ top-1 %": _pct(q["ptq_acc1"]),
             "QAT last epoch %": _pct(q["acc1_per_epoch"][-1] if q["acc1_per_epoch"] else None),
             "QAT converted %": _pct(q["converted_acc1"]),
             "epochs to match PTQ": q["epochs_to_match_ptq"] or "not reached",
             "epochs to match fp32": q["epochs_to_match_fp32"] or "not reached",
         }
-        for b, q in results["qat"].items()
+        for q in results["qat"].values()
     ]
     return [*lines, markdown_table(rows, list(rows[0]))]
 
@@ -371,9 +385,9 @@ def _tensorboard(root: Path, results: dict[str, Any], figures: dict[str, plt.Fig
     for name, fig in figures.items():
         writer.add_figure(f"study/{name}", fig)
     metrics = {f"ptq/{r['recipe']}/acc1": r["acc1"] for r in results["ptq"] if r.get("acc1") is not None}
-    for bits, q in results["qat"].items():
+    for q in results["qat"].values():
         if q["converted_acc1"] is not None:
-            metrics[f"qat/int{bits}/converted_acc1"] = q["converted_acc1"]
+            metrics[f"qat/{q['label'].lower()}/converted_acc1"] = q["converted_acc1"]
     cfg = results["config"]
     hparams = {
         "seed": cfg.get("seed"),
@@ -414,6 +428,7 @@ def _print_summary(root: Path, results: dict[str, Any]) -> None:
     for r in results["ptq"]:
         size = "" if r.get("size_mib") is None else f"{r['size_mib']:7.2f} MiB"
         print(f"  PTQ {r['recipe']:<28} top-1 {_pct(r.get('acc1')):>6}%  {size}  {r.get('error') or ''}")
-    for bits, q in results["qat"].items():
+    for q in results["qat"].values():
         matched = q["epochs_to_match_ptq"] or "not reached"
-        print(f"  QAT int{bits:<25} top-1 {_pct(q['converted_acc1']):>6}%  epochs to match PTQ: {matched}")
+        vs = f"epochs to match PTQ {q['ptq_recipe']}: {matched}"
+        print(f"  QAT {q['label']:<28} top-1 {_pct(q['converted_acc1']):>6}%  {vs}")
