@@ -62,6 +62,12 @@ class QuantizationAwareTraining(QATResults):
     ``int<weight_bits>``), evaluated on the test set and saved to ``<output_dir>/model.pt`` (load
     with :func:`qlight.load_quantized`).
 
+    Activations and BatchNorm stay float in the converted model: it is smaller, not faster. For the
+    int8 graph that x86 (oneDNN) deploys, with int8 activations and BatchNorm folded into the conv,
+    train with :class:`StaticQuantizationAwareTraining` instead (8- or 4-bit weights, a network that
+    ``torch.export`` traces, float32). This callback takes 2..8 bits, either granularity, learned
+    scales, any model and any precision.
+
     Args:
         weight_bits: weight bit-width, 2..8 (symmetric).
         granularity: which weights share a scale, as in :class:`~qlight.PostTrainingQuantization`:
