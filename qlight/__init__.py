@@ -6,7 +6,12 @@ from qlight.classifier import ImageClassifier
 from qlight.data import CIFAR100DataModule
 from qlight.errors import QlightError
 from qlight.models import vgg11_bn
-from qlight.quantization import PostTrainingQuantization, QuantizationAwareTraining, load_quantized
+from qlight.quantization import (
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    StaticQuantizationAwareTraining,
+    load_quantized,
+)
 
 try:
     __version__ = version("qlight")
@@ -19,6 +24,7 @@ __all__ = [
     "PostTrainingQuantization",
     "QlightError",
     "QuantizationAwareTraining",
+    "StaticQuantizationAwareTraining",
     "__version__",
     "load_quantized",
     "vgg11_bn",

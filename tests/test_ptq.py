@@ -157,7 +157,7 @@ def test_a_static_recipe_that_quantizes_nothing_is_an_error_not_a_float_model(tm
     # passed as int8_static. A quantizer without a config reproduces that outcome on any torch.
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
-    monkeypatch.setattr("qlight.quantization.recipes._x86_quantizer", lambda bits: X86InductorQuantizer())
+    monkeypatch.setattr("qlight.quantization.recipes._x86_quantizer", lambda bits, **kwargs: X86InductorQuantizer())
     ptq = PostTrainingQuantization(recipes=["fp32", "int8_static", "int8"], output_dir=str(tmp_path))
     trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(digits_checkpoint))
     rows = _rows(tmp_path / "results.csv")

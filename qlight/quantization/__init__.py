@@ -20,6 +20,7 @@ from qlight.quantization.recipes import (  # noqa: E402
     valid_recipe_names,
 )
 from qlight.quantization.serialization import load_quantized, pack_bits, unpack_bits  # noqa: E402
+from qlight.quantization.static_qat import StaticQuantizationAwareTraining  # noqa: E402
 
 __all__ = [
     "GRANULARITIES",
@@ -30,6 +31,7 @@ __all__ = [
     "QuantizationAwareTraining",
     "Recipe",
     "StaticPT2E",
+    "StaticQuantizationAwareTraining",
     "load_quantized",
     "pack_bits",
     "parse_recipe",
