@@ -79,7 +79,9 @@ def test_static_files_are_the_model_not_the_example_batch(build):
 def test_a_static_file_does_not_grow_with_the_batch_and_runs_any_batch(tmp_path):
     source = DigitsNet().eval()
     small, large = static_bytes(source, torch.randn(2, 1, 8, 8)), static_bytes(source, torch.randn(512, 1, 8, 8))
-    assert len(small) == len(large)
+    # The batch size survives only as a size hint on each node (a few bytes, which can cross the archive's
+    # 64-byte alignment); a stored batch of 512 images would add 128 KiB.
+    assert abs(len(large) - len(small)) <= 256
     with zipfile.ZipFile(io.BytesIO(large)) as archive:
         assert all(i.file_size == 0 for i in archive.infolist() if "sample_inputs" in i.filename)
     (tmp_path / "int8_static.pt2").write_bytes(large)
