@@ -6,7 +6,9 @@
 Prints a table, then one JSON line with ``fit_vs_plain`` (qlight fit images/s over the plain
 loop's), ``qat_vs_plain`` (QAT int4 step time over the plain loop's), ``int8_vs_fp32`` (the faster
 CPU int8 path's images/s over fp32's, batch 64), ``fit_host_vs_plain`` and ``qat_host_vs_fit`` (host
-ms per step, (h)) and the rest of the numbers.
+ms per step, (h)), ``w8a8_step_vs_float`` (W8A8 QAT step time over a float step, on the CPU),
+``w8a8_int8_vs_ptq`` (images/s of the converted W8A8 QAT graph over PTQ int8_static's, on the CPU) and
+the rest of the numbers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -25,17 +28,25 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
-from qlight import CIFAR100DataModule, ImageClassifier, PostTrainingQuantization, QuantizationAwareTraining
+from qlight import (
+    CIFAR100DataModule,
+    ImageClassifier,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    StaticQuantizationAwareTraining,
+    load_quantized,
+)
 from qlight.data import normalize, random_crop_flip, synthetic_images
 from qlight.models import VGG, vgg11_bn
 from qlight.models.vgg import CFGS, make_layers
-from qlight.quantization import fake_quant, parse_recipe, quantizable_modules
+from qlight.quantization import StaticPT2E, fake_quant, parse_recipe, quantizable_modules
 from qlight.quantization.fake_quant import (
     FusedFakeQuantizer,
     TorchaoFakeQuantizer,
     activation_fake_quant_config,
     weight_fake_quant_config,
 )
+from qlight.quantization.serialization import quantized_bytes
 from qlight.quantization.speed import measure_speed
 
 
@@ -58,7 +69,7 @@ def plain_loop(
 ) -> float:
     """(a) The baseline: data on the device, the same augmentation, model, optimizer and schedule."""
     model = backbone().to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.warmup + args.steps)
     images, labels = images.to(device), labels.to(device)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
@@ -131,7 +142,8 @@ def trainer(args: argparse.Namespace, callbacks: list, max_steps: int) -> Traine
 def qlight_fit(args: argparse.Namespace, extra: list, backbone: Callable[[], nn.Module] = vgg11_bn) -> float:
     """(b)/(c) Trainer + ImageClassifier + CIFAR100DataModule's on-device path, optionally with QAT."""
     timer = StepTimer(args.warmup, args.batch_size)
-    trainer(args, [timer, *extra], args.warmup + args.steps).fit(ImageClassifier(backbone()), datamodule(args))
+    model = ImageClassifier(backbone(), lr=args.lr)
+    trainer(args, [timer, *extra], args.warmup + args.steps).fit(model, datamodule(args))
     return timer.images_per_s
 
 
@@ -141,9 +153,9 @@ def host_step_runs(
     """(h) Host time per training step: VGG-11's op graph at 1/16 width, batch 2, on the CPU, so
     arithmetic is negligible and what remains is the per-step Python and dispatch work that a GPU
     step has to hide behind its kernels. Runs QAT with qlight's fused fake-quant and with torchao's."""
-    host = argparse.Namespace(
-        **{**vars(args), "batch_size": 2, "steps": 60, "warmup": 10, "accelerator": "cpu", "precision": "32-true"}
-    )
+    # lr 0.01: at batch 2, lr 0.1 can train NaN into the weights, which QAT's conversion refuses.
+    small = {"batch_size": 2, "steps": 60, "warmup": 10, "lr": 0.01}
+    host = argparse.Namespace(**{**vars(args), **small, "accelerator": "cpu", "precision": "32-true"})
     cpu = torch.device("cpu")
 
     def ms(images_per_s: float) -> float:
@@ -166,6 +178,46 @@ def host_step_runs(
         "+ QAT int4 w + int8 act (fused)": lambda: qat(False, activation_bits=8),
         "+ QAT int4 w + int8 act (torchao)": lambda: qat(True, activation_bits=8),
     }
+
+
+def cpu_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """The W8A8 measurements' settings: the CPU (where the int8 graph runs), fp32 (the only dtype of
+    torchao's fused fake-quant), at most batch 32 and 12 timed steps after 3 warm-up."""
+    limits = {"batch_size": 32, "steps": 12, "warmup": 3}
+    smaller = {key: min(getattr(args, key), limit) for key, limit in limits.items()}
+    return argparse.Namespace(**{**vars(args), "accelerator": "cpu", "precision": "32-true", **smaller})
+
+
+def w8a8_training_runs(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
+    """(i) Images/s of qlight's fit path on the CPU, float and with W8A8 QAT
+    (``StaticQuantizationAwareTraining``), whose converted graph goes to ``<workdir>/qat_w8a8``."""
+    cpu = cpu_settings(args)
+    out = str(Path(args.workdir) / "qat_w8a8")
+    return {
+        "float": lambda: qlight_fit(cpu, []),
+        "W8A8 QAT": lambda: qlight_fit(cpu, [StaticQuantizationAwareTraining(eval_every_epoch=False, output_dir=out)]),
+    }
+
+
+def w8a8_inference(args: argparse.Namespace) -> dict[str, float]:
+    """(j) CPU images/s of the W8A8 QAT graph saved by (i) and of PTQ int8_static's graph of the same
+    network, both loaded from their files: the same kind of int8 graph, so the same speed is expected.
+    Best of the repeats."""
+    cpu = cpu_settings(args)
+    x = normalize(synthetic_images(cpu.batch_size, 100, seed=0)[0])
+    source, recipe = ImageClassifier().eval(), StaticPT2E(8)
+    ptq = recipe.quantize(copy.deepcopy(source), quantizable_modules(source), [x])
+    ptq_file = Path(args.workdir) / "int8_static.pt2"
+    ptq_file.write_bytes(quantized_bytes(ptq, recipe, [], source, x))
+    models = {
+        "W8A8 QAT (converted)": load_quantized(Path(args.workdir) / "qat_w8a8" / "model.pt2"),
+        "PTQ int8_static": load_quantized(ptq_file),
+    }
+    result: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            result[name] = max(result.get(name, 0.0), _throughput(model, x, cpu, torch.device("cpu")))
+    return result
 
 
 def data_path(args: argparse.Namespace, device: torch.device) -> float:
@@ -213,7 +265,7 @@ def inference(args: argparse.Namespace, device: torch.device) -> dict[str, float
 
 
 def cpu_int8(args: argparse.Namespace) -> dict[str, float]:
-    """(i) CPU images/s of VGG-11-BN at batch 64: fp32 against the static int8 graph as PT2E leaves it,
+    """(k) CPU images/s of VGG-11-BN at batch 64: fp32 against the static int8 graph as PT2E leaves it,
     compiled by Inductor and run by ONNX Runtime; interleaved repeats, best of each."""
     source = vgg11_bn().eval()
     x = normalize(synthetic_images(64, 100, seed=0)[0])
@@ -279,7 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--recipes", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int6", "int4", "int2", "int8_static"]
     )
     parser.add_argument("--inference", nargs="+", default=["fp32", "fp16", "bf16", "int8"])
-    parser.add_argument("--skip-cpu-int8", action="store_true", help="skip (i), which compiles VGG-11 (about 1 min)")
+    parser.add_argument("--skip-cpu-int8", action="store_true", help="skip (k), which compiles VGG-11 (about 1 min)")
+    parser.add_argument("--lr", type=float, default=0.1, help="learning rate of the timed training runs")
     parser.add_argument("--workdir", help="where the callbacks may write (default: a new temporary folder)")
     args = parser.parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="qlight-bench-")
@@ -317,15 +370,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data path (load + augment)": lambda: data_path(args, device),
     }
     host_runs = host_step_runs(images, labels, args)
+    cpu_runs = w8a8_training_runs(args)
     rows: dict[str, float] = {}
     host_ms: dict[str, float] = {}
+    cpu_rows: dict[str, float] = {}
     for _ in range(args.repeats):  # interleaved, best of each: drift and noisy neighbours hit all alike
         for name, run in runs.items():
             rows[name] = max(rows.get(name, 0.0), run())
         for name, run in host_runs.items():
             host_ms[name] = min(host_ms.get(name, float("inf")), run())
+        for name, run in cpu_runs.items():
+            cpu_rows[name] = max(cpu_rows.get(name, 0.0), run())
     inference_ips = inference(args, device)
     int8_ips = {} if args.skip_cpu_int8 else cpu_int8(args)
+    w8a8_ips = w8a8_inference(args)
     seconds = ptq_seconds(args)
     fake_quant_ms = fake_quant_host_ms(args)
     device_name = (
@@ -341,6 +399,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _print_section(f"PTQ quantize + evaluate ({args.test_images} test images, seconds)", seconds, ".2f")
     _print_section("host time per training step (ms; VGG-11 ops at 1/16 width, batch 2, CPU)", host_ms, ".2f")
     _print_section("fake-quant host cost per layer and step (ms, tiny tensor)", fake_quant_ms, ".3f")
+    cpu = cpu_settings(args)
+    _print_section(f"W8A8 QAT training on the CPU (images/s, batch {cpu.batch_size}, fp32)", cpu_rows, ".1f")
+    _print_section(f"int8 graphs on the CPU (images/s, batch {cpu.batch_size})", w8a8_ips, ".0f")
     summary = {
         "device": device_name,
         "torch": torch.__version__,
@@ -360,6 +421,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ptq_sweep_seconds": sum(seconds.values()),
         "host_ms_per_step": host_ms,
         "fake_quant_host_ms": fake_quant_ms,
+        "w8a8_step_vs_float": cpu_rows["float"] / cpu_rows["W8A8 QAT"],
+        "w8a8_int8_vs_ptq": w8a8_ips["W8A8 QAT (converted)"] / w8a8_ips["PTQ int8_static"],
+        "w8a8_cpu_train_images_per_s": cpu_rows,
+        "w8a8_cpu_inference_images_per_s": w8a8_ips,
     }
     print(json.dumps(summary))
     return summary

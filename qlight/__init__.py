@@ -10,6 +10,7 @@ from qlight.quantization import (
     LayerSensitivity,
     PostTrainingQuantization,
     QuantizationAwareTraining,
+    StaticQuantizationAwareTraining,
     load_quantized,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "PostTrainingQuantization",
     "QlightError",
     "QuantizationAwareTraining",
+    "StaticQuantizationAwareTraining",
     "__version__",
     "load_quantized",
     "vgg11_bn",

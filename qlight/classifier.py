@@ -70,17 +70,16 @@ class ImageClassifier(LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from qlight.quantization.qat import QuantizationAwareTraining
+        from qlight.quantization import QuantizationAwareTraining, StaticQuantizationAwareTraining
 
-        trained = [key for key in checkpoint.get("callbacks", {}) if key.startswith(QuantizationAwareTraining.__name__)]
         callbacks = self._trainer.callbacks if self._trainer is not None else None
-        if trained and callbacks is not None and not any(isinstance(c, QuantizationAwareTraining) for c in callbacks):
-            settings = checkpoint["callbacks"][trained[0]]
-            bits = settings.get("weight_bits")
-            raise QlightError(
-                f"this checkpoint was trained with QuantizationAwareTraining (int{bits}); without that callback it "
-                f"would run the float model: add QuantizationAwareTraining(weight_bits={bits}) to the trainer"
-            )
+        if callbacks is None:
+            return
+        for cls in (QuantizationAwareTraining, StaticQuantizationAwareTraining):
+            # Lightning keys a callback's state by its class name (``state_key``).
+            trained = [key for key in checkpoint.get("callbacks", {}) if key.startswith(cls.__name__)]
+            if trained and not any(isinstance(c, cls) for c in callbacks):
+                raise QlightError(cls.missing_callback_error(checkpoint["callbacks"][trained[0]]))
 
     @override
     def forward(self, x: Tensor) -> Tensor:

@@ -66,6 +66,28 @@ class DigitsNet(pl.LightningModule):
         return DataLoader(self.test_data, batch_size=128)
 
 
+class DigitsData(pl.LightningDataModule):
+    """The same digits as a DataModule, for qlight's ImageClassifier (10 classes)."""
+
+    num_classes = 10
+
+    def __init__(self, shuffle: bool = True) -> None:
+        super().__init__()
+        x, y = digits_tensors()
+        self.shuffle = shuffle
+        self.train_data = TensorDataset(x[:1400], y[:1400])
+        self.test_data = TensorDataset(x[1400:], y[1400:])
+
+    def train_dataloader(self):
+        return DataLoader(self.train_data, batch_size=64, shuffle=self.shuffle)
+
+    def val_dataloader(self):
+        return DataLoader(self.test_data, batch_size=128)
+
+    def test_dataloader(self):
+        return DataLoader(self.test_data, batch_size=128)
+
+
 def trainer(tmp_path, callbacks=(), max_epochs=6, **kwargs):
     return pl.Trainer(
         default_root_dir=tmp_path,

@@ -26,7 +26,7 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
             "--inference",
             "fp32",
             "int8",
-            "--skip-cpu-int8",  # compiles VGG-11; tests/test_runtimes.py covers those runtimes
+            "--skip-cpu-int8",  # (k) compiles VGG-11; tests/test_runtimes.py covers those runtimes
         ]
     )
     assert set(summary["train_images_per_s"]) == {
@@ -45,8 +45,12 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     assert len(summary["fake_quant_host_ms"]) == 4 and len(summary["host_ms_per_step"]) == 6
     assert all(v > 0 for v in summary["host_ms_per_step"].values())
     assert summary["fit_host_vs_plain"] > 0 and summary["qat_host_vs_fit"] > 0 and summary["int8_vs_fp32"] is None
+    assert set(summary["w8a8_cpu_train_images_per_s"]) == {"float", "W8A8 QAT"}
+    assert set(summary["w8a8_cpu_inference_images_per_s"]) == {"W8A8 QAT (converted)", "PTQ int8_static"}
+    assert summary["w8a8_step_vs_float"] > 0 and summary["w8a8_int8_vs_ptq"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
     assert (tmp_path / "ptq" / "results.csv").is_file() and (tmp_path / "qat" / "model.pt").is_file()
+    assert (tmp_path / "qat_w8a8" / "model.pt2").is_file()
 
 
 def test_ptq_sweep_benchmark_runs_on_tiny_sizes(tmp_path, capsys):

@@ -79,7 +79,9 @@ def test_static_files_are_the_model_not_the_example_batch(build):
 def test_a_static_file_does_not_grow_with_the_batch_and_runs_any_batch(tmp_path):
     source = DigitsNet().eval()
     small, large = static_bytes(source, torch.randn(2, 1, 8, 8)), static_bytes(source, torch.randn(512, 1, 8, 8))
-    assert len(small) == len(large)
+    # The batch size survives only as a size hint on each node (a few bytes, which can cross the archive's
+    # 64-byte alignment); a stored batch of 512 images would add 128 KiB.
+    assert abs(len(large) - len(small)) <= 256
     with zipfile.ZipFile(io.BytesIO(large)) as archive:
         assert all(i.file_size == 0 for i in archive.infolist() if "sample_inputs" in i.filename)
     (tmp_path / "int8_static.pt2").write_bytes(large)
@@ -157,7 +159,7 @@ def test_a_static_recipe_that_quantizes_nothing_is_an_error_not_a_float_model(tm
     # passed as int8_static. A quantizer without a config reproduces that outcome on any torch.
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
-    monkeypatch.setattr("qlight.quantization.recipes._x86_quantizer", lambda bits: X86InductorQuantizer())
+    monkeypatch.setattr("qlight.quantization.recipes._x86_quantizer", lambda bits, **kwargs: X86InductorQuantizer())
     ptq = PostTrainingQuantization(recipes=["fp32", "int8_static", "int8"], output_dir=str(tmp_path))
     trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(digits_checkpoint))
     rows = _rows(tmp_path / "results.csv")

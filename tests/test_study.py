@@ -90,6 +90,7 @@ TINY = [
     "--ptq.calibration_batches=1",
     "--qat.bits=[4, 2]",
     "--qat.epochs=2",
+    "--qat.static=false",
     "--precision.epochs=1",
     "--precision.sample_every_n_steps=2",
 ]
@@ -104,14 +105,16 @@ def study(tmp_path, *extra, study_dir=None):
 
 
 def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
-    assert study(tmp_path, "--stages=[baseline, ptq]") == 0
+    w8a8 = ("--ptq.recipes=[fp32, bf16, int8, int4, int2, int8_static]", "--qat.static=true")
+    assert study(tmp_path, "--stages=[baseline, ptq]", *w8a8) == 0
     first = capsys.readouterr().out
     assert "[study] ptq: done" in first and "qat" not in first
 
-    assert study(tmp_path) == 0
+    assert study(tmp_path, *w8a8) == 0
     second = capsys.readouterr().out
     assert "[study] baseline: skipped" in second and "[study] ptq: skipped" in second
-    assert "[study] qat_int4: done" in second and "[study] report: done" in second
+    assert "[study] qat_int4: done" in second and "[study] qat_w8a8: done" in second
+    assert "[study] report: done" in second
 
     root = tmp_path / "study"
     report = (root / "report.md").read_text()
@@ -140,7 +143,12 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     assert {r["recipe"]: r["acc1"] for r in results["ptq"]} == csv_rows
     for recipe, acc in csv_rows.items():
         assert f"| {recipe} | " in report and f"{100 * acc:.2f}" in report
-    assert set(results["qat"]) == {"4", "2"} and len(results["qat"]["2"]["acc1_per_epoch"]) == 2
+    assert set(results["qat"]) == {"4", "2", "w8a8"} and len(results["qat"]["2"]["acc1_per_epoch"]) == 2
+    w8a8_row = results["qat"]["w8a8"]  # beside PTQ's int8_static, the same kind of int8 graph
+    assert w8a8_row["ptq_rtn"] == {"recipe": "int8_static", "acc1": csv_rows["int8_static"]}
+    assert w8a8_row["ptq_best"] is None and w8a8_row["epochs_to_match_ptq_best"] is None
+    assert len(w8a8_row["acc1_per_epoch"]) == 2 and (root / "qat_w8a8" / "model.pt2").is_file()
+    assert f"| W8A8 | int8_static | {100 * csv_rows['int8_static']:.2f} |" in report
     numerics = results["precision"]["32-true"]["values"]
     assert {"gradient/fp16", "gradient/bf16", "activation/fp16", "activation/bf16"} <= set(numerics)
     assert numerics["gradient/fp16"]["count"] > 0
@@ -154,9 +162,10 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     (root / "qat_int2" / "model.pt").write_bytes(b"")
     marker = json.loads((root / "qat_int2" / "stage.json").read_text())
     (root / "qat_int2" / "stage.json").write_text(json.dumps({**marker, "done": False}))
-    assert study(tmp_path, "--stages=[qat, report]") == 0
+    assert study(tmp_path, "--stages=[qat, report]", *w8a8) == 0
     third = capsys.readouterr().out
     assert "[study] qat_int4: skipped" in third and "[study] qat_int2: resuming" in third
+    assert "[study] qat_w8a8: skipped" in third
     rows = read_csv(root / "qat_int2" / "results.csv")
     assert [(r["epoch"], r["fake_quant"]) for r in rows] == [("0", "on"), ("1", "on"), ("2", "converted")]
     assert load_quantized(root / "qat_int2" / "model.pt") is not None

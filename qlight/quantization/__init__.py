@@ -22,6 +22,7 @@ from qlight.quantization.recipes import (  # noqa: E402
 )
 from qlight.quantization.sensitivity import LayerSensitivity  # noqa: E402
 from qlight.quantization.serialization import load_quantized, pack_bits, unpack_bits  # noqa: E402
+from qlight.quantization.static_qat import StaticQuantizationAwareTraining  # noqa: E402
 
 __all__ = [
     "GRANULARITIES",
@@ -34,6 +35,7 @@ __all__ = [
     "QuantizationAwareTraining",
     "Recipe",
     "StaticPT2E",
+    "StaticQuantizationAwareTraining",
     "load_quantized",
     "pack_bits",
     "parse_recipe",

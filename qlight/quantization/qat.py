@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import time
-from pathlib import Path
 from typing import Any, Literal
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from qlight.errors import QlightError
-from qlight.files import atomic_write_bytes, exclusive_dir
+from qlight.files import atomic_write_bytes
 from qlight.quantization.fake_quant import (
     FAKE_QUANTIZED,
     activation_fake_quant_config,
@@ -27,22 +24,17 @@ from qlight.quantization.fake_quant import (
 )
 from qlight.quantization.intx import MAX_BITS, MIN_BITS, Granularity, groupable, intx_from_codes, set_weight
 from qlight.quantization.lightning_plumbing import (
-    dataloader,
     eval_copy,
-    evaluate,
     example_input,
     load_checkpoint_weights,
     log_to_loggers,
     non_finite_tensors,
-    output_dir,
-    transferred_batches,
 )
+from qlight.quantization.qat_results import QATResults, check_eval_split
 from qlight.quantization.recipes import IntxWeightOnly, check_granularity, quantizable_modules
 from qlight.quantization.serialization import quantized_bytes
 from qlight.quantization.speed import measure_speed
-from qlight.tables import write_results
 
-COLUMNS = ["epoch", "split", "fake_quant", "acc1", "acc5", "images_per_s", "latency_ms", "device", "seconds"]
 _SETTINGS_BEFORE_0_2 = {"granularity": "per_kernel_position"}  # checkpoints of qlight 0.1 lack the key
 
 
@@ -57,7 +49,7 @@ def _check_scales(learned_scales: bool, module: nn.Module, state_dict: dict[str,
         )
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(QATResults):
     """Train with fake-quantized weights (and optionally activations) in every Conv2d and Linear,
     then convert to torchao's quantized weights.
 
@@ -69,6 +61,12 @@ class QuantizationAwareTraining(Callback):
     copy is converted to the codes and scales the fake-quant forward uses (the recipe
     ``int<weight_bits>``), evaluated on the test set and saved to ``<output_dir>/model.pt`` (load
     with :func:`qlight.load_quantized`).
+
+    Activations and BatchNorm stay float in the converted model: it is smaller, not faster. For the
+    int8 graph that x86 (oneDNN) deploys, with int8 activations and BatchNorm folded into the conv,
+    train with :class:`StaticQuantizationAwareTraining` instead (8- or 4-bit weights, a network that
+    ``torch.export`` traces, float32). This callback takes 2..8 bits, either granularity, learned
+    scales, any model and any precision.
 
     Args:
         weight_bits: weight bit-width, 2..8 (symmetric).
@@ -137,11 +135,7 @@ class QuantizationAwareTraining(Callback):
         self.keep_first = keep_first
         self.keep_last = keep_last
         self.baseline_ckpt = baseline_ckpt
-        self.eval_every_epoch = eval_every_epoch
-        self.eval_split = eval_split
-        self.output_dir = output_dir
-        self.results: list[dict[str, Any]] = []  # rows of results.csv, restored with checkpoints
-        self._writing = contextlib.ExitStack()  # the output folder's lock and the checkpoint hook, until teardown
+        super().__init__(eval_every_epoch, eval_split, output_dir)
 
     @staticmethod
     def _validate(
@@ -162,13 +156,17 @@ class QuantizationAwareTraining(Callback):
             raise QlightError(f"start_epoch must be 0 or more, got {start_epoch}")
         if freeze_bn_epoch is not None and freeze_bn_epoch < 0:
             raise QlightError(f"freeze_bn_epoch must be 0 or more, got {freeze_bn_epoch}")
-        if eval_split not in ("val", "test"):
-            raise QlightError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
+        check_eval_split(eval_split)
 
     @property
     def recipe(self) -> IntxWeightOnly:
         """The weight-only recipe the converted model is saved as."""
         return IntxWeightOnly(self.weight_bits, self.granularity)
+
+    @property
+    @override
+    def title(self) -> str:
+        return f"QAT {self.recipe.name}"
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -198,16 +196,8 @@ class QuantizationAwareTraining(Callback):
         set_fake_quant_enabled(pl_module, stage != "fit" or self.start_epoch == 0)
         hook = pl_module.register_load_state_dict_pre_hook(functools.partial(_check_scales, self.learned_scales))
         self._writing.callback(hook.remove)
-        if stage == "fit" and trainer.is_global_zero:
-            self._writing.enter_context(exclusive_dir(self._out(trainer), "QuantizationAwareTraining"))
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._writing.close()
-
-    @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._writing.close()
+        if stage == "fit":
+            self._hold_output_dir(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -221,14 +211,16 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.eval_every_epoch:
-            self._record(trainer, pl_module, pl_module, self.eval_split, trainer.current_epoch)
+            epoch = trainer.current_epoch
+            state = "on" if epoch >= self.start_epoch else "off"
+            self._record(trainer, pl_module, pl_module, self.eval_split, epoch, state)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         converted = self.convert(pl_module)
         example = example_input(trainer, pl_module)
         speed = vars(measure_speed(converted, example))
-        row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, converted=True, extra=speed)
+        row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, "converted", speed)
         targets = self._targets(pl_module)
         payload = quantized_bytes(converted, self.recipe, targets, pl_module, example)
         if trainer.is_global_zero:
@@ -258,40 +250,6 @@ class QuantizationAwareTraining(Callback):
     def _targets(pl_module: nn.Module) -> list[str]:
         return [name for name, module in pl_module.named_modules() if isinstance(module, FAKE_QUANTIZED)]
 
-    def _out(self, trainer: Trainer) -> Path:
-        return output_dir(trainer, self.output_dir, "qat")
-
-    def _record(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        model: nn.Module,
-        split: str,
-        epoch: int,
-        converted: bool = False,
-        extra: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Evaluate ``model`` on ``split``; add its row, with the ``extra`` columns, to the table."""
-        start = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        loader = dataloader(trainer, pl_module, split)
-        accuracy = evaluate(model, transferred_batches(trainer, pl_module, loader, shard=True), trainer)
-        model.train(was_training)
-        if converted:
-            state = "converted"
-        else:
-            state = "on" if epoch >= self.start_epoch else "off"
-        row = {"epoch": epoch, "split": split, "fake_quant": state, "acc1": accuracy.acc1, "acc5": accuracy.acc5}
-        row.update(extra or {}, seconds=round(time.perf_counter() - start, 2))
-        self.results.append(row)
-        prefix = "qat/converted" if converted else "qat"
-        metrics = {f"{prefix}/acc1": accuracy.acc1, f"{prefix}/acc5": accuracy.acc5}
-        log_to_loggers(trainer, metrics, step=None if converted else epoch)
-        if trainer.is_global_zero:
-            write_results(self._out(trainer), f"QAT {self.recipe.name}", self.results, COLUMNS)
-        return row
-
     def _settings(self) -> dict[str, Any]:
         return {
             "weight_bits": self.weight_bits,
@@ -299,6 +257,16 @@ class QuantizationAwareTraining(Callback):
             "activation_bits": self.activation_bits,
             "learned_scales": self.learned_scales,
         }
+
+    @classmethod
+    def missing_callback_error(cls, settings: dict[str, Any]) -> str:
+        """What to say when a checkpoint trained with this callback (``settings``: its saved state) is
+        loaded into a Trainer without it."""
+        bits = settings.get("weight_bits")
+        return (
+            f"this checkpoint was trained with {cls.__name__} (int{bits}); without that callback it would run the "
+            f"float model: add {cls.__name__}(weight_bits={bits}) to the trainer"
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -7,10 +7,11 @@ default every ``Conv2d`` and ``Linear`` (:func:`quantizable_modules`).
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -261,10 +262,8 @@ class StaticPT2E:
 
         if not calibration:
             raise QlightError(f"{self.name} needs calibration batches: set calibration_batches to 1 or more")
-        quantizer = _x86_quantizer(self.weight_bits)
-        for fqn, module in model.named_modules():
-            if isinstance(module, QUANTIZABLE) and fqn not in targets:
-                quantizer.set_module_name_qconfig(fqn, None)
+        kept = [fqn for fqn, module in model.named_modules() if isinstance(module, QUANTIZABLE) and fqn not in targets]
+        quantizer = _x86_quantizer(self.weight_bits, float_modules=kept)
         # Strict (dynamo) export records the source modules that the quantizer matches its patterns
         # on; torch 2.11's default non-strict export does not, and the quantizer then finds nothing.
         graph = export_batched(model.eval(), calibration[0], strict=True).module()
@@ -292,28 +291,23 @@ def export_batched(model: nn.Module, example: Tensor, strict: bool = False) -> t
     return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=strict)
 
 
-def _x86_quantizer(weight_bits: int):
-    from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
-    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+def _x86_quantizer(weight_bits: int, is_qat: bool = False, float_modules: Iterable[str] = ()):
+    """torchao's ``X86InductorQuantizer`` with its default config (``is_qat``: fused fake-quant in place
+    of observers) at ``weight_bits`` per output channel; ``float_modules`` (by name) stay float."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
     )
 
-    config = get_default_x86_inductor_quantization_config()
+    config = get_default_x86_inductor_quantization_config(is_qat=is_qat)
     if weight_bits != 8:
         limit = 2 ** (weight_bits - 1)
-        weight = QuantizationSpec(
-            dtype=torch.int8,
-            quant_min=-limit,
-            quant_max=limit - 1,
-            qscheme=torch.per_channel_symmetric,
-            ch_axis=0,
-            is_dynamic=False,
-            observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(eps=2**-12),
-        )
-        config = type(config)(config.input_activation, config.output_activation, weight, config.bias, config.is_qat)
-    return X86InductorQuantizer().set_global(config)
+        weight = dataclasses.replace(config.weight, quant_min=-limit, quant_max=limit - 1)
+        config = dataclasses.replace(config, weight=weight)
+    quantizer = X86InductorQuantizer().set_global(config)
+    for name in float_modules:
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
 
 
 def _drop_unused_attributes(graph_module: torch.fx.GraphModule) -> None:

@@ -143,23 +143,40 @@ def _best_ptq_at(ptq: list[dict[str, Any]], bits: int) -> dict[str, dict[str, An
     }
 
 
+def _qat_folders(root: Path) -> list[tuple[str, Path]]:
+    """(key, folder): weight-only QAT by bits, high to low, then W8A8."""
+    weight_only = sorted(root.glob("qat_int*"), key=lambda p: -int(p.name.removeprefix("qat_int") or 0))
+    return [*((p.name.removeprefix("qat_int"), p) for p in weight_only), ("w8a8", root / "qat_w8a8")]
+
+
+def _ptq_compared(ptq: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any] | None]:
+    """The PTQ rows a QAT stage is compared with: at N weight bits the best RTN and best other-method
+    rows; for W8A8 PTQ's int8_static (the same int8 graph, round-to-nearest weights), no other method."""
+    if key.isdigit():
+        return _best_ptq_at(ptq, int(key))
+    static = next((r for r in ptq if r["recipe"] == "int8_static" and r.get("acc1") is not None), None)
+    return {"rtn": static, "best": None}
+
+
 def _qat_results(root: Path, ptq: list[dict[str, Any]], fp32: float | None) -> dict[str, Any]:
+    """Per QAT stage (keyed by weight bits, or ``w8a8``): its per-epoch and converted accuracy against
+    the PTQ rows of the same quantized model and fp32."""
     qat: dict[str, Any] = {}
-    for folder in sorted(root.glob("qat_int*"), key=lambda p: -int(p.name.removeprefix("qat_int") or 0)):
+    for key, folder in _qat_folders(root):
         rows = _numeric_csv(folder / "results.csv")
         if not rows:
             continue
-        bits = folder.name.removeprefix("qat_int")
         per_epoch = [r["acc1"] for r in rows if r["fake_quant"] != "converted"]
-        qat[bits] = {
+        qat[key] = {
+            "label": f"int{key}" if key.isdigit() else key.upper(),
             "acc1_per_epoch": per_epoch,
             "converted_acc1": next((r["acc1"] for r in rows if r["fake_quant"] == "converted"), None),
             "epochs_to_match_fp32": epochs_to_match(per_epoch, fp32) if fp32 is not None else None,
         }
-        for kind, row in _best_ptq_at(ptq, int(bits)).items():
-            qat[bits][f"ptq_{kind}"] = None if row is None else {"recipe": row["recipe"], "acc1": row["acc1"]}
+        for kind, row in _ptq_compared(ptq, key).items():
+            qat[key][f"ptq_{kind}"] = None if row is None else {"recipe": row["recipe"], "acc1": row["acc1"]}
             matched = None if row is None else epochs_to_match(per_epoch, row["acc1"])
-            qat[bits][f"epochs_to_match_ptq_{kind}"] = matched
+            qat[key][f"epochs_to_match_ptq_{kind}"] = matched
     return qat
 
 
@@ -202,9 +219,10 @@ def _plot_accuracy_vs_bits(results: dict[str, Any], ax: plt.Axes) -> bool:
         if curve:
             fitted = BitCurve(curve["plateau"], curve["drop"])
             ax.plot(grid, [fitted(b) for b in grid], "-", color=f"C{i}", alpha=0.5)
-    qat = [(int(b), q["converted_acc1"]) for b, q in results["qat"].items() if q["converted_acc1"] is not None]
+    weight_only = {b: q for b, q in results["qat"].items() if b.isdigit()}  # W8A8 has activations quantized too
+    qat = [(int(b), q["converted_acc1"]) for b, q in weight_only.items() if q["converted_acc1"] is not None]
     if qat:
-        ax.plot(*zip(*sorted(qat), strict=True), "s", color="black", label="QAT (converted)")
+        ax.plot(*zip(*sorted(qat), strict=True), "s", color="black", label="QAT weight-only (converted)")
     _fp32_line(results, ax)
     ax.set(xlabel="weight bits", ylabel="test top-1", title="Accuracy vs bit-width (lines: plateau - drop·4^-b)")
     ax.legend(fontsize=7)
@@ -234,10 +252,10 @@ def _plot_accuracy_vs_size(results: dict[str, Any], ax: plt.Axes) -> bool:
 def _plot_qat_epochs(results: dict[str, Any], ax: plt.Axes) -> bool:
     if not results["qat"]:
         return False
-    for i, (bits, q) in enumerate(results["qat"].items()):
+    for i, q in enumerate(results["qat"].values()):
         color = f"C{i}"
         epochs = range(1, len(q["acc1_per_epoch"]) + 1)
-        ax.plot(epochs, q["acc1_per_epoch"], "o-", color=color, label=f"QAT int{bits}")
+        ax.plot(epochs, q["acc1_per_epoch"], "o-", color=color, label=f"QAT {q['label']}")
         for kind, style in (("rtn", ":"), ("best", "-.")):
             ptq = q[f"ptq_{kind}"]
             if ptq is not None:
@@ -408,14 +426,17 @@ def _qat_section(results: dict[str, Any]) -> list[str]:
         "## Quantization-aware training",
         "",
         "From the baseline, fake-quant on every Conv2d and Linear, evaluated on the test set after each epoch "
-        "(the same split as PTQ).",
+        "(the same split as PTQ). intN: weights only (activations float); W8A8: int8 weights and static int8 "
+        "activations with BatchNorm folded (torchao PT2E), the graph PTQ's int8_static calibrates (its PTQ RTN "
+        "column: round-to-nearest weights, calibrated activations; no other PTQ method applies).",
         "",
     ]
     if not results["qat"]:
         return [*lines, "(no QAT results)", ""]
     rows = [
         {
-            "bits": b,
+            "QAT": q["label"],
+            "PTQ RTN": (q["ptq_rtn"] or {}).get("recipe"),
             "PTQ RTN top-1 %": _pct(_acc(q["ptq_rtn"])),
             "best PTQ top-1 %": _pct(_acc(q["ptq_best"])),
             "best PTQ recipe": (q["ptq_best"] or {}).get("recipe"),
@@ -425,7 +446,7 @@ def _qat_section(results: dict[str, Any]) -> list[str]:
             "epochs to match best PTQ": _epochs(q["epochs_to_match_ptq_best"], q["ptq_best"]),
             "epochs to match fp32": q["epochs_to_match_fp32"] or "not reached",
         }
-        for b, q in results["qat"].items()
+        for q in results["qat"].values()
     ]
     return [*lines, markdown_table(rows, list(rows[0]))]
 
@@ -496,9 +517,9 @@ def _tensorboard(root: Path, results: dict[str, Any], figures: dict[str, plt.Fig
     for name, fig in figures.items():
         writer.add_figure(f"study/{name}", fig)
     metrics = {f"ptq/{r['recipe']}/acc1": r["acc1"] for r in results["ptq"] if r.get("acc1") is not None}
-    for bits, q in results["qat"].items():
+    for q in results["qat"].values():
         if q["converted_acc1"] is not None:
-            metrics[f"qat/int{bits}/converted_acc1"] = q["converted_acc1"]
+            metrics[f"qat/{q['label'].lower()}/converted_acc1"] = q["converted_acc1"]
     cfg = results["config"]
     hparams = {
         "seed": cfg.get("seed"),
@@ -540,9 +561,10 @@ def _print_summary(root: Path, results: dict[str, Any]) -> None:
     for r in results["ptq"]:
         size = "" if r.get("size_mib") is None else f"{r['size_mib']:7.2f} MiB"
         print(f"  PTQ {r['recipe']:<{width}} top-1 {_pct(r.get('acc1')):>6}%  {size}  {r.get('error') or ''}")
-    for bits, q in results["qat"].items():
+    for q in results["qat"].values():
         matched = {kind: _epochs(q[f"epochs_to_match_ptq_{kind}"], q[f"ptq_{kind}"]) for kind in ("rtn", "best")}
+        rtn = (q["ptq_rtn"] or {}).get("recipe", "RTN")
         print(
-            f"  QAT {'int' + bits:<{width}} top-1 {_pct(q['converted_acc1']):>6}%  "
-            f"epochs to match PTQ RTN: {matched['rtn']}, best PTQ: {matched['best']}"
+            f"  QAT {q['label']:<{width}} top-1 {_pct(q['converted_acc1']):>6}%  "
+            f"epochs to match PTQ {rtn}: {matched['rtn']}, best PTQ: {matched['best']}"
         )

@@ -1,7 +1,7 @@
 """``python -m qlight study``: the whole quantization study in stages that resume where they stopped.
 
 Each stage writes into its own folder of ``study_dir`` (``baseline``, ``ptq``, ``qat_int<N>``,
-``precision_<P>``) and ends by writing ``stage.json``, which records the settings that determine the
+``qat_w8a8``, ``precision_<P>``) and ends by writing ``stage.json``, which records the settings that determine the
 stage's results (its fingerprint, including those of the stages it builds on). A stage is skipped
 when its ``stage.json`` says done with the same fingerprint; a stage that was stopped resumes from
 its ``checkpoints/last.ckpt``, saved every epoch. ``report`` is rebuilt from the files every time.
@@ -31,7 +31,11 @@ from qlight.classifier import ImageClassifier
 from qlight.data import CIFAR100DataModule
 from qlight.errors import QlightError
 from qlight.files import atomic_write_text
-from qlight.quantization import PostTrainingQuantization, QuantizationAwareTraining
+from qlight.quantization import (
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    StaticQuantizationAwareTraining,
+)
 from qlight.quantization.recipes import BEST_METHOD, DEFAULT_GRANULARITY
 from qlight.study.numerics import PrecisionStats
 from qlight.study.report import FIGURES, build_report
@@ -84,6 +88,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--qat.bits", type=list[int], default=[8, 4, 3, 2])
     parser.add_argument("--qat.epochs", type=int, default=20)
     parser.add_argument("--qat.lr", type=float, default=0.001)
+    parser.add_argument(
+        "--qat.static",
+        type=bool,
+        default=True,
+        help="also train the deployable int8 graph (qat_w8a8: static int8 activations, BatchNorm folded)",
+    )
     parser.add_argument("--precision.precisions", type=list[Literal[PRECISIONS]], default=["16-mixed", "bf16-mixed"])
     parser.add_argument("--precision.epochs", type=int, default=30)
     parser.add_argument("--precision.sample_every_n_steps", type=int, default=50)
@@ -147,6 +157,9 @@ class Study:
         for bits in cfg.qat.bits:
             fingerprint = {"baseline": baseline, "qat": {**qat, "bits": bits}}
             stages.append(Stage(f"qat_int{bits}", fingerprint, functools.partial(self.run_qat, bits)))
+        if cfg.qat.static:
+            fingerprint = {"baseline": baseline, "qat": {**qat, "static": True}}
+            stages.append(Stage("qat_w8a8", fingerprint, self.run_qat_w8a8))
         precision = {"epochs": cfg.precision.epochs, "sample_every_n_steps": cfg.precision.sample_every_n_steps}
         for name in self.precisions():
             fingerprint = {**self._common(), "precision": {**precision, "precision": name}}
@@ -352,6 +365,24 @@ class Study:
         last, resume = self._last(name)
         seed_everything(self.config.seed)
         trainer = self._trainer(name, self.config.qat.epochs, [qat, last])
+        trainer.fit(self._model(lr=self.config.qat.lr, warmup_epochs=0), self.data, ckpt_path=resume)
+
+    def run_qat_w8a8(self) -> None:
+        """QAT of the int8 graph that PTQ's int8_static calibrates, in float32 (the fused fake-quant's
+        only dtype), the observers and BatchNorm statistics frozen for the last fifth of the epochs."""
+        name, epochs = "qat_w8a8", self.config.qat.epochs
+        freeze = max(1, epochs - max(1, epochs // 5))
+        qat = StaticQuantizationAwareTraining(
+            network="model",
+            freeze_observer_epoch=freeze,
+            freeze_bn_epoch=freeze,
+            baseline_ckpt=str(self.baseline_ckpt),
+            eval_split="test",
+            output_dir=str(self.dir / name),
+        )
+        last, resume = self._last(name)
+        seed_everything(self.config.seed)
+        trainer = self._trainer(name, epochs, [qat, last], precision="32-true")
         trainer.fit(self._model(lr=self.config.qat.lr, warmup_epochs=0), self.data, ckpt_path=resume)
 
     def run_precision(self, precision: str) -> None:

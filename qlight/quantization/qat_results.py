@@ -1,0 +1,92 @@
+"""What both QAT callbacks share: the table of per-epoch evaluations and of the converted model."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from typing_extensions import override
+
+from qlight.errors import QlightError
+from qlight.files import exclusive_dir
+from qlight.quantization.lightning_plumbing import dataloader, evaluate, log_to_loggers, output_dir, transferred_batches
+from qlight.tables import write_results
+
+COLUMNS = ["epoch", "split", "fake_quant", "acc1", "acc5", "images_per_s", "latency_ms", "device", "seconds"]
+EVAL_SPLITS = ("val", "test")
+
+
+def check_eval_split(eval_split: str) -> None:
+    if eval_split not in EVAL_SPLITS:
+        raise QlightError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
+
+
+class QATResults(Callback):
+    """Evaluates the model in training after each epoch (``eval_every_epoch``, on ``eval_split``) and
+    the converted model on the test set, as rows of ``<output_dir>/results.csv`` and ``results.md``
+    and as ``qat/acc1``, ``qat/acc5`` (``qat/converted/...``) in the loggers. Rank zero holds
+    ``output_dir`` while fitting, so that a second run cannot interleave its files."""
+
+    def __init__(self, eval_every_epoch: bool, eval_split: str, output_dir: str | None) -> None:
+        self.eval_every_epoch = eval_every_epoch
+        self.eval_split = eval_split
+        self.output_dir = output_dir
+        self.results: list[dict[str, Any]] = []  # rows of results.csv, restored with checkpoints
+        self._writing = contextlib.ExitStack()  # the output folder's lock and load hooks, until teardown
+
+    @property
+    def title(self) -> str:
+        """The heading of ``results.md``."""
+        raise NotImplementedError
+
+    def _out(self, trainer: Trainer) -> Path:
+        return output_dir(trainer, self.output_dir, "qat")
+
+    def _hold_output_dir(self, trainer: Trainer) -> None:
+        if trainer.is_global_zero:
+            self._writing.enter_context(exclusive_dir(self._out(trainer), type(self).__name__))
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._writing.close()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._writing.close()
+
+    def _record(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        model: nn.Module,
+        split: str,
+        epoch: int,
+        fake_quant: str,
+        extra: dict[str, Any] | None = None,
+        device: torch.device | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate ``model`` (on ``device``: default the module's) on ``split``; add its row, with the
+        ``extra`` columns, to the table."""
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        batches = transferred_batches(trainer, pl_module, dataloader(trainer, pl_module, split), shard=True)
+        if device is not None:
+            batches = ((x.to(device), y.to(device)) for x, y in batches)
+        accuracy = evaluate(model, batches, trainer)
+        model.train(was_training)
+        row = {"epoch": epoch, "split": split, "fake_quant": fake_quant, "acc1": accuracy.acc1, "acc5": accuracy.acc5}
+        row.update(extra or {}, seconds=round(time.perf_counter() - start, 2))
+        self.results.append(row)
+        converted = fake_quant == "converted"
+        prefix = "qat/converted" if converted else "qat"
+        metrics = {f"{prefix}/acc1": accuracy.acc1, f"{prefix}/acc5": accuracy.acc5}
+        log_to_loggers(trainer, metrics, step=None if converted else epoch)
+        if trainer.is_global_zero:
+            write_results(self._out(trainer), self.title, self.results, COLUMNS)
+        return row
