@@ -9,7 +9,7 @@ from digits import PooledDigitsNet, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qlight import LayerSensitivity, PostTrainingQuantization, QlightError, load_quantized
+from qlight import LayerSensitivity, PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
 from qlight.quantization.bit_allocation import allocate_bits
 from qlight.quantization.mixed_precision import realised_plan
 from qlight.quantization.sensitivity import weight_bytes
@@ -114,7 +114,7 @@ def test_a_file_whose_codes_disagree_with_its_plan_is_refused(tmp_path, mixed_ru
     layer = next(name for name, bits in payload["plan"].items() if bits != 8)
     payload["plan"][layer] = 8
     torch.save(payload, path)
-    with pytest.raises(QlightError, match=f"{layer}.weight holds .*-bit codes, but its recipe or plan gives it 8"):
+    with pytest.raises(QlightError, match=f"{layer}.weight holds .*-bit codes, but the file's plan gives it 8"):
         load_quantized(path)
 
 
@@ -133,3 +133,25 @@ def test_layer_sensitivity_writes_its_table_and_figure_and_names_the_layers(tmp_
     assert "sensitivity/kl" in events.Tags()["images"]
     with pytest.raises(QlightError, match="has no Conv2d or Linear 'net.1'; its quantizable layers: net.0, net.3"):
         trainer(tmp_path, [LayerSensitivity(layers=["net.1"])]).test(PooledDigitsNet())
+
+
+def test_qat_from_a_mixed_plan_converts_exactly_to_that_plan(tmp_path, mixed_run, pooled_digits_checkpoint):
+    rows, out = mixed_run
+    plan_file = out / "mixed@3.plan.json"
+    plan = json.loads(plan_file.read_text())
+    torch.manual_seed(0)
+    qat = QuantizationAwareTraining(
+        weight_bits=str(plan_file), baseline_ckpt=str(pooled_digits_checkpoint), output_dir=str(tmp_path / "qat")
+    )
+    trainer(tmp_path, [qat], max_epochs=2).fit(PooledDigitsNet(lr=0.01))
+    converted = qat.results[-1]
+    assert converted["fake_quant"] == "converted" and converted["acc1"] >= float(rows["mixed@3"]["acc1"]) - 0.01
+    model = load_quantized(tmp_path / "qat" / "model.pt")
+    assert realised_plan(model) == plan
+    x, y = PooledDigitsNet().test_data.tensors
+    with torch.no_grad():
+        assert abs((model(x).argmax(1) == y).float().mean().item() - converted["acc1"]) < 1e-6
+    with pytest.raises(QlightError, match=r"plan weight_bits names 'net.1', .*quantizable layers: net.0, net.3"):
+        trainer(tmp_path, [QuantizationAwareTraining(weight_bits={"net.1": 4})], max_epochs=1).fit(PooledDigitsNet())
+    with pytest.raises(QlightError, match="keep_first/keep_last do not combine with a plan"):
+        QuantizationAwareTraining(weight_bits=plan, keep_first=True)

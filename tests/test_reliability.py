@@ -134,7 +134,7 @@ def first_weight(payload):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda p: first_weight(p).update(bits=3), "holds 3-bit codes, but recipe int4 has 4 bits"),
+        (lambda p: first_weight(p).update(bits=3), "holds 3-bit codes, but recipe int4 gives it 4 bits"),
         (lambda p: first_weight(p)["scale"].view(-1)[0].fill_(float("nan")), "not finite and positive"),
         (lambda p: first_weight(p)["scale"].view(-1)[0].fill_(-1.0), "not finite and positive"),
         (lambda p: first_weight(p).update(shape=[1, 2, 3, 3]), "has shape"),

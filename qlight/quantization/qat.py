@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
@@ -30,8 +32,9 @@ from qlight.quantization.lightning_plumbing import (
     log_to_loggers,
     non_finite_tensors,
 )
+from qlight.quantization.mixed_precision import MixedPrecision, check_plan, read_plan
 from qlight.quantization.qat_results import QATResults, check_eval_split
-from qlight.quantization.recipes import IntxWeightOnly, check_granularity, quantizable_modules
+from qlight.quantization.recipes import IntxWeightOnly, Recipe, check_granularity, quantizable_modules
 from qlight.quantization.serialization import quantized_bytes
 from qlight.quantization.speed import measure_speed
 
@@ -69,7 +72,9 @@ class QuantizationAwareTraining(QATResults):
     scales, any model and any precision.
 
     Args:
-        weight_bits: weight bit-width, 2..8 (symmetric).
+        weight_bits: weight bit-width, 2..8 (symmetric), or a plan of bits per layer: a mapping of
+            layer name -> bits, or the path of a JSON plan (as ``mixed@`` PTQ recipes save). With a
+            plan, exactly its layers are fake-quantized and the model is saved as that plan.
         granularity: which weights share a scale, as in :class:`~qlight.PostTrainingQuantization`:
             ``per_channel`` (one per output channel) or ``per_kernel_position``.
         activation_bits: optional dynamic per-token activation fake-quant, 2..8. Training only:
@@ -112,7 +117,7 @@ class QuantizationAwareTraining(QATResults):
 
     def __init__(
         self,
-        weight_bits: int = 4,
+        weight_bits: int | str | dict[str, int] = 4,
         granularity: Granularity = "per_channel",
         activation_bits: int | None = None,
         learned_scales: bool = False,
@@ -126,7 +131,12 @@ class QuantizationAwareTraining(QATResults):
         output_dir: str | None = None,
     ) -> None:
         self._validate(weight_bits, granularity, activation_bits, start_epoch, freeze_bn_epoch, eval_split)
-        self.weight_bits = weight_bits
+        if (keep_first or keep_last) and not isinstance(weight_bits, int):
+            raise QlightError("keep_first/keep_last do not combine with a plan: leave those layers out of the plan")
+        self.plan_source = weight_bits if isinstance(weight_bits, str) else None
+        self.weight_bits: int | dict[str, int] = (
+            dict(read_plan(Path(weight_bits))) if isinstance(weight_bits, str) else weight_bits
+        )
         self.granularity = granularity
         self.activation_bits = activation_bits
         self.learned_scales = learned_scales
@@ -139,14 +149,15 @@ class QuantizationAwareTraining(QATResults):
 
     @staticmethod
     def _validate(
-        weight_bits: int,
+        weight_bits: int | str | Mapping[str, int],
         granularity: str,
         activation_bits: int | None,
         start_epoch: int,
         freeze_bn_epoch: int | None,
         eval_split: str,
     ) -> None:
-        for name, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
+        uniform = weight_bits if isinstance(weight_bits, int) or weight_bits is None else MIN_BITS  # plans: in setup
+        for name, bits in (("weight_bits", uniform), ("activation_bits", activation_bits)):
             if bits is not None and not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
                 raise QlightError(f"{name} must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
         if weight_bits is None:
@@ -159,9 +170,15 @@ class QuantizationAwareTraining(QATResults):
         check_eval_split(eval_split)
 
     @property
-    def recipe(self) -> IntxWeightOnly:
+    def recipe(self) -> Recipe:
         """The weight-only recipe the converted model is saved as."""
-        return IntxWeightOnly(self.weight_bits, self.granularity)
+        if isinstance(self.weight_bits, int):
+            return IntxWeightOnly(self.weight_bits, self.granularity)
+        name = Path(self.plan_source).name if self.plan_source else "plan.json"
+        return MixedPrecision(name, IntxWeightOnly(MAX_BITS, self.granularity))
+
+    def _bits(self, layer: str) -> int:
+        return self.weight_bits if isinstance(self.weight_bits, int) else self.weight_bits[layer]
 
     @property
     @override
@@ -183,15 +200,20 @@ class QuantizationAwareTraining(QATResults):
             for name in quantizable_modules(pl_module, self.keep_first, self.keep_last)
             if groupable(pl_module.get_submodule(name).weight, self.granularity)
         ]
+        if not isinstance(self.weight_bits, int):
+            source = self.plan_source or "weight_bits"
+            check_plan(self.weight_bits, pl_module, quantizable_modules(pl_module), source)
+            targets = [name for name in targets if name in self.weight_bits]
         if not targets:
             raise QlightError(f"QAT: {type(pl_module).__name__} has no Conv2d or Linear module to fake-quantize")
-        insert_fake_quant(
-            pl_module,
-            targets,
-            weight_fake_quant_config(self.weight_bits, self.learned_scales),
-            activation_fake_quant_config(self.activation_bits) if self.activation_bits else None,
-            self.granularity,
-        )
+        for bits in sorted({self._bits(name) for name in targets}):
+            insert_fake_quant(
+                pl_module,
+                [name for name in targets if self._bits(name) == bits],
+                weight_fake_quant_config(bits, self.learned_scales),
+                activation_fake_quant_config(self.activation_bits) if self.activation_bits else None,
+                self.granularity,
+            )
         init_learned_scales(pl_module)
         set_fake_quant_enabled(pl_module, stage != "fit" or self.start_epoch == 0)
         hook = pl_module.register_load_state_dict_pre_hook(functools.partial(_check_scales, self.learned_scales))
@@ -227,7 +249,7 @@ class QuantizationAwareTraining(QATResults):
             path = self._out(trainer) / "model.pt"
             atomic_write_bytes(path, payload)
             mib = len(payload) / 2**20
-            rank_zero_info(f"QAT int{self.weight_bits}: converted test acc1 {row['acc1']:.4f}, {mib:.2f} MiB -> {path}")
+            rank_zero_info(f"QAT {self.recipe.name}: converted test acc1 {row['acc1']:.4f}, {mib:.2f} MiB -> {path}")
         log_to_loggers(trainer, {"qat/size_mib": len(payload) / 2**20})
         trainer.strategy.barrier("qlight_qat")
 
@@ -240,7 +262,7 @@ class QuantizationAwareTraining(QATResults):
         remove_fake_quant(model)
         for name, (codes, scale) in qparams.items():
             module = model.get_submodule(name)
-            set_weight(module, intx_from_codes(codes, scale, self.weight_bits, module.weight.dtype))
+            set_weight(module, intx_from_codes(codes, scale, self._bits(name), module.weight.dtype))
         bad = non_finite_tensors(model)
         if bad:
             raise QlightError(f"QAT trained NaN or Inf into {', '.join(bad[:3])}: lower the learning rate")
@@ -263,8 +285,9 @@ class QuantizationAwareTraining(QATResults):
         """What to say when a checkpoint trained with this callback (``settings``: its saved state) is
         loaded into a Trainer without it."""
         bits = settings.get("weight_bits")
+        what = f"int{bits}" if isinstance(bits, int) else "a per-layer plan"
         return (
-            f"this checkpoint was trained with {cls.__name__} (int{bits}); without that callback it would run the "
+            f"this checkpoint was trained with {cls.__name__} ({what}); without that callback it would run the "
             f"float model: add {cls.__name__}(weight_bits={bits}) to the trainer"
         )
 

@@ -146,9 +146,11 @@ def _instantiate(spec: Any, trusted_modules: Sequence[str], path: Path) -> nn.Mo
         raise QlightError(f"{path}: cannot rebuild {spec['class_path']} ({err})") from None
 
 
-def _quantized_weight(entry: Any, key: str, model_weight: Tensor, expected_bits: int, path: Path) -> Tensor:
-    """Check one packed weight against the model and the bits the file's recipe or plan gives it, then
-    build its torchao tensor."""
+def _quantized_weight(
+    entry: Any, key: str, model_weight: Tensor, expected_bits: int, source: str, path: Path
+) -> Tensor:
+    """Check one packed weight against the model and the bits that ``source`` (the file's recipe or
+    plan) gives it, then build its torchao tensor."""
 
     def bad(why: str) -> QlightError:
         return QlightError(f"{path}: {key} {why}")
@@ -157,7 +159,7 @@ def _quantized_weight(entry: Any, key: str, model_weight: Tensor, expected_bits:
         raise bad("is not a packed weight")
     bits, shape, scale = entry["bits"], tuple(entry["shape"]), entry["scale"]
     if bits != expected_bits:
-        raise bad(f"holds {bits}-bit codes, but its recipe or plan gives it {expected_bits} bits")
+        raise bad(f"holds {bits}-bit codes, but {source} gives it {expected_bits} bits")
     if shape != tuple(model_weight.shape):
         raise bad(f"has shape {shape}, the model's weight {tuple(model_weight.shape)}: another architecture?")
     codes = entry["codes"] if bits == 8 else unpack_bits(entry["codes"], bits, shape)
@@ -178,8 +180,9 @@ def _quantized_weight(entry: Any, key: str, model_weight: Tensor, expected_bits:
         raise bad(str(err)) from None
 
 
-def _restore(model: nn.Module, state: dict[str, Any], bits: Mapping[str, int], path: Path) -> None:
-    """Load ``state`` into ``model``, each packed weight checked against its layer's ``bits``."""
+def _restore(model: nn.Module, state: dict[str, Any], bits: Mapping[str, int], source: str, path: Path) -> None:
+    """Load ``state`` into ``model``, each packed weight checked against the ``bits`` that ``source``
+    gives its layer."""
     current = model.state_dict()
     missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
     if missing or unexpected:
@@ -193,7 +196,9 @@ def _restore(model: nn.Module, state: dict[str, Any], bits: Mapping[str, int], p
             layer = key.rpartition(".")[0]
             if layer not in bits:
                 raise QlightError(f"{path}: {key} is quantized, but the file's plan leaves {layer} float")
-            set_weight(model.get_submodule(layer), _quantized_weight(value, key, current[key], bits[layer], path))
+            set_weight(
+                model.get_submodule(layer), _quantized_weight(value, key, current[key], bits[layer], source, path)
+            )
         elif not torch.is_tensor(value) or value.shape != current[key].shape:
             raise QlightError(f"{path}: {key} does not match the model's {tuple(current[key].shape)}")
         else:
@@ -284,7 +289,8 @@ def load_quantized(
         if not isinstance(plan, dict):
             raise QlightError(f"{path} holds no per-layer plan: it is not a qlight quantized model file")
         check_plan(plan, model, targets, str(path))
+        source = "the file's plan"
     else:
-        plan = dict.fromkeys(targets, recipe.bits)
-    _restore(model, payload["state_dict"], plan, path)
+        plan, source = dict.fromkeys(targets, recipe.bits), f"recipe {recipe.name}"
+    _restore(model, payload["state_dict"], plan, source, path)
     return model.eval()
