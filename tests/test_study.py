@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from qlight import load_quantized
 from qlight.cli import main
+from qlight.quantization.mixed_precision import realised_plan
 from qlight.study import cast_outcomes, epochs_to_match, first_bits_with_gap, fit_bit_curve
 from qlight.study.report import build_report
 from qlight.tables import read_csv
@@ -91,6 +92,7 @@ TINY = [
     "--qat.bits=[4, 2]",
     "--qat.epochs=2",
     "--qat.static=false",
+    "--qat.plans=[]",
     "--precision.epochs=1",
     "--precision.sample_every_n_steps=2",
 ]
@@ -105,7 +107,12 @@ def study(tmp_path, *extra, study_dir=None):
 
 
 def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
-    w8a8 = ("--ptq.recipes=[fp32, bf16, int8, int4, int2, int8_static]", "--qat.static=true")
+    best = "gptq+bn_reestimation+bias_correction"
+    w8a8 = (
+        "--ptq.recipes=[fp32, bf16, int8, int4, int2, mixed@3, int8_static]",
+        "--qat.static=true",
+        f"--qat.plans=[mixed@3+{best}]",
+    )
     assert study(tmp_path, "--stages=[baseline, ptq]", *w8a8) == 0
     first = capsys.readouterr().out
     assert "[study] ptq: done" in first and "qat" not in first
@@ -114,6 +121,7 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     second = capsys.readouterr().out
     assert "[study] baseline: skipped" in second and "[study] ptq: skipped" in second
     assert "[study] qat_int4: done" in second and "[study] qat_w8a8: done" in second
+    assert f"[study] qat_mixed@3+{best}: done" in second
     assert "[study] report: done" in second
 
     root = tmp_path / "study"
@@ -134,7 +142,6 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
         assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.01  # a drawn plot, not blank
     results = json.loads((root / "results.json").read_text())
     # RTN and the best method side by side at every bit-width: two curves, and the bits one saves.
-    best = "gptq+bn_reestimation+bias_correction"
     assert set(results["bit_curves"]) == {"per_channel rtn", f"per_channel {best}"}  # mixed rows are not uniform
     assert set(results["plans"]) == {"mixed@3", f"mixed@3+{best}"}
     assert all(len(plan) == 11 and set(plan.values()) <= set(range(2, 9)) for plan in results["plans"].values())
@@ -143,7 +150,12 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     assert {r["recipe"]: r["acc1"] for r in results["ptq"]} == csv_rows
     for recipe, acc in csv_rows.items():
         assert f"| {recipe} | " in report and f"{100 * acc:.2f}" in report
-    assert set(results["qat"]) == {"4", "2", "w8a8"} and len(results["qat"]["2"]["acc1_per_epoch"]) == 2
+    assert set(results["qat"]) == {"4", "2", f"mixed@3+{best}", "w8a8"}
+    assert len(results["qat"]["2"]["acc1_per_epoch"]) == 2
+    mixed_row = results["qat"][f"mixed@3+{best}"]  # QAT from that PTQ recipe's plan, compared with it
+    assert mixed_row["ptq_best"] == {"recipe": f"mixed@3+{best}", "acc1": csv_rows[f"mixed@3+{best}"]}
+    qat_model = load_quantized(root / f"qat_mixed@3+{best}" / "model.pt")
+    assert realised_plan(qat_model) == results["plans"][f"mixed@3+{best}"]
     w8a8_row = results["qat"]["w8a8"]  # beside PTQ's int8_static, the same kind of int8 graph
     assert w8a8_row["ptq_rtn"] == {"recipe": "int8_static", "acc1": csv_rows["int8_static"]}
     assert w8a8_row["ptq_best"] is None and w8a8_row["epochs_to_match_ptq_best"] is None

@@ -144,9 +144,15 @@ def _best_ptq_at(ptq: list[dict[str, Any]], bits: int) -> dict[str, dict[str, An
 
 
 def _qat_folders(root: Path) -> list[tuple[str, Path]]:
-    """(key, folder): weight-only QAT by bits, high to low, then W8A8."""
+    """(key, folder): weight-only QAT by bits, high to low, then from mixed-precision plans (keyed by
+    the PTQ recipe that made the plan), then W8A8."""
     weight_only = sorted(root.glob("qat_int*"), key=lambda p: -int(p.name.removeprefix("qat_int") or 0))
-    return [*((p.name.removeprefix("qat_int"), p) for p in weight_only), ("w8a8", root / "qat_w8a8")]
+    mixed = sorted(root.glob("qat_mixed@*"))
+    return [
+        *((p.name.removeprefix("qat_int"), p) for p in weight_only),
+        *((p.name.removeprefix("qat_"), p) for p in mixed),
+        ("w8a8", root / "qat_w8a8"),
+    ]
 
 
 def _ptq_compared(ptq: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any] | None]:
@@ -154,6 +160,9 @@ def _ptq_compared(ptq: list[dict[str, Any]], key: str) -> dict[str, dict[str, An
     rows; for W8A8 PTQ's int8_static (the same int8 graph, round-to-nearest weights), no other method."""
     if key.isdigit():
         return _best_ptq_at(ptq, int(key))
+    if key.startswith("mixed@"):  # the PTQ row of the same plan
+        row = next((r for r in ptq if r["recipe"] == key and r.get("acc1") is not None), None)
+        return {"rtn": row, "best": None} if row is None or row["method"] == "rtn" else {"rtn": None, "best": row}
     static = next((r for r in ptq if r["recipe"] == "int8_static" and r.get("acc1") is not None), None)
     return {"rtn": static, "best": None}
 
@@ -168,7 +177,7 @@ def _qat_results(root: Path, ptq: list[dict[str, Any]], fp32: float | None) -> d
             continue
         per_epoch = [r["acc1"] for r in rows if r["fake_quant"] != "converted"]
         qat[key] = {
-            "label": f"int{key}" if key.isdigit() else key.upper(),
+            "label": f"int{key}" if key.isdigit() else key if key.startswith("mixed@") else key.upper(),
             "acc1_per_epoch": per_epoch,
             "converted_acc1": next((r["acc1"] for r in rows if r["fake_quant"] == "converted"), None),
             "epochs_to_match_fp32": epochs_to_match(per_epoch, fp32) if fp32 is not None else None,

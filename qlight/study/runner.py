@@ -36,6 +36,7 @@ from qlight.quantization import (
     QuantizationAwareTraining,
     StaticQuantizationAwareTraining,
 )
+from qlight.quantization.mixed_precision import MixedPrecision
 from qlight.quantization.recipes import BEST_METHOD, DEFAULT_GRANULARITY
 from qlight.study.numerics import PrecisionStats
 from qlight.study.report import FIGURES, build_report
@@ -86,6 +87,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ptq.granularity", type=list[str], default=[DEFAULT_GRANULARITY])
     parser.add_argument("--ptq.calibration_batches", type=int, default=16)
     parser.add_argument("--qat.bits", type=list[int], default=[8, 4, 3, 2])
+    parser.add_argument(
+        "--qat.plans",
+        type=list[str],
+        default=[],
+        help="mixed-precision PTQ recipes whose saved plans QAT also trains (each must be in --ptq.recipes)",
+    )
     parser.add_argument("--qat.epochs", type=int, default=20)
     parser.add_argument("--qat.lr", type=float, default=0.001)
     parser.add_argument(
@@ -157,6 +164,9 @@ class Study:
         for bits in cfg.qat.bits:
             fingerprint = {"baseline": baseline, "qat": {**qat, "bits": bits}}
             stages.append(Stage(f"qat_int{bits}", fingerprint, functools.partial(self.run_qat, bits)))
+        for recipe in cfg.qat.plans:  # the plan comes from the PTQ stage
+            fingerprint = {"baseline": baseline, "ptq": _plain(cfg.ptq), "qat": {**qat, "plan": recipe}}
+            stages.append(Stage(f"qat_{recipe}", fingerprint, functools.partial(self.run_qat, recipe)))
         if cfg.qat.static:
             fingerprint = {"baseline": baseline, "qat": {**qat, "static": True}}
             stages.append(Stage("qat_w8a8", fingerprint, self.run_qat_w8a8))
@@ -193,6 +203,13 @@ class Study:
         self._ptq()
         for bits in cfg.qat.bits:
             QuantizationAwareTraining(weight_bits=bits)
+        mixed = [r.name for r in self._ptq().recipes if isinstance(r, MixedPrecision)]
+        for recipe in cfg.qat.plans:
+            if recipe not in mixed:
+                raise QlightError(
+                    f"--qat.plans names {recipe!r}, which PTQ does not run; its mixed-precision recipes: "
+                    f"{', '.join(mixed) or 'none (add one such as mixed@2.5 to --ptq.recipes)'}"
+                )
         self._model(lr=cfg.qat.lr)
         CIFAR100DataModule(**cfg.data.as_dict())
 
@@ -357,10 +374,12 @@ class Study:
         trainer = self._trainer("ptq", 1, [self._ptq()])
         trainer.test(self._model(), self.data, ckpt_path=str(self.baseline_ckpt), verbose=False)
 
-    def run_qat(self, bits: int) -> None:
-        name = f"qat_int{bits}"
+    def run_qat(self, bits: int | str) -> None:
+        """QAT at ``bits`` for every layer, or from the plan the PTQ recipe ``bits`` saved."""
+        name = f"qat_int{bits}" if isinstance(bits, int) else f"qat_{bits}"
+        plan = bits if isinstance(bits, int) else str(self.dir / "ptq" / f"{bits}.plan.json")
         qat = QuantizationAwareTraining(
-            weight_bits=bits, baseline_ckpt=str(self.baseline_ckpt), eval_split="test", output_dir=str(self.dir / name)
+            weight_bits=plan, baseline_ckpt=str(self.baseline_ckpt), eval_split="test", output_dir=str(self.dir / name)
         )
         last, resume = self._last(name)
         seed_everything(self.config.seed)
