@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+from qlight.tables import read_csv
+
 
 def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location(
@@ -64,3 +66,15 @@ def test_ptq_sweep_benchmark_runs_on_tiny_sizes(tmp_path, capsys):
     assert list(summary["seconds"]) == ["fp32", "int4+bias_correction"] and summary["wall_seconds"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
     assert (tmp_path / "ptq" / "int4+bias_correction.pt").is_file()
+
+
+def test_sensitivity_benchmark_runs_on_tiny_sizes(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "sensitivity_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "sensitivity.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = bench.main(["--images=8", "--batch-size=4", "--bits", "2", "8", f"--workdir={tmp_path}"])
+    assert (summary["layers"], summary["images"]) == (11, 8) and summary["wall_seconds"] > 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
+    assert len(read_csv(tmp_path / "sensitivity" / "sensitivity.csv")) == 22
