@@ -42,7 +42,7 @@ def shrunk_config(workdir: Path, train_images: int, batch_size: int, epochs: int
         | {"batch_size": batch_size},
         "baseline": {"epochs": epochs},
         "ptq": {"recipes": ["fp32", "int8", "int4", "int2"], "calibration_batches": 2},
-        "qat": {"bits": [4], "epochs": epochs, "lr": 0.01},
+        "qat": {"bits": [4], "plans": [], "epochs": epochs, "lr": 0.01},
         "precision": {"epochs": epochs, "sample_every_n_steps": 5},
     }
     path = workdir / "soak.yaml"
