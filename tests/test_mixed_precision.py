@@ -46,9 +46,9 @@ def test_a_budget_below_the_cheapest_plan_names_the_smallest_feasible_one():
         allocate_bits({"a": {2: 1.0, 8: 0.0}, "b": {2: 1.0, 8: 0.0}}, cost, 14)
 
 
-def _ptq(tmp_path, checkpoint, recipes, name="ptq", **kwargs):
-    ptq = PostTrainingQuantization(recipes=recipes, output_dir=str(tmp_path / name), speed_repeats=0, **kwargs)
-    trainer(tmp_path / name, [ptq]).test(PooledDigitsNet.load_from_checkpoint(checkpoint))
+def _ptq(tmp_path, checkpoint, recipes, name="ptq", logger=False):
+    ptq = PostTrainingQuantization(recipes=recipes, output_dir=str(tmp_path / name), speed_repeats=0)
+    trainer(tmp_path / name, [ptq], logger=logger).test(PooledDigitsNet.load_from_checkpoint(checkpoint))
     return {row["recipe"]: row for row in read_csv(tmp_path / name / "results.csv")}
 
 
@@ -66,7 +66,9 @@ def _packed_layer_bytes(path):
 def mixed_run(tmp_path_factory, pooled_digits_checkpoint):
     """One PTQ run of uniform int3 and mixed recipes at its bytes and at two file sizes."""
     root = tmp_path_factory.mktemp("mixed")
-    return _ptq(root, pooled_digits_checkpoint, ["int3", "mixed@3", "mixed@0.0145MiB", "mixed@0.02MiB"]), root / "ptq"
+    recipes = ["int3", "mixed@3", "mixed@0.0145MiB", "mixed@0.02MiB"]
+    logger = TensorBoardLogger(root, name="tb")
+    return _ptq(root, pooled_digits_checkpoint, recipes, logger=logger), root / "ptq"
 
 
 def test_mixed_beats_uniform_int3_within_its_bytes_and_the_plan_reloads(tmp_path, mixed_run, pooled_digits_checkpoint):
@@ -75,6 +77,13 @@ def test_mixed_beats_uniform_int3_within_its_bytes_and_the_plan_reloads(tmp_path
     assert float(rows["mixed@3"]["acc1"]) >= float(rows["int3"]["acc1"]) + 0.02, rows
     plan = json.loads((out / "mixed@3.plan.json").read_text())
     assert len(set(plan.values())) > 1 and float(rows["mixed@3"]["bits"]) <= 3
+    events = EventAccumulator(str(next((out.parent / "tb").rglob("events.*")))).Reload()
+    assert "ptq/plan/mixed@3/text_summary" in events.Tags()["tensors"]
+    assert "ptq/sensitivity/mixed@3" in events.Tags()["images"]
+    sensitivity = read_csv(out / "mixed@3.sensitivity.csv")  # what the plan was allocated from
+    assert len(sensitivity) == 5 * 7 and (out / "mixed@3.sensitivity.png").stat().st_size > 1000
+    kl = {(r["layer"], int(r["bits"])): float(r["kl"]) for r in sensitivity}
+    assert all(kl[layer, 2] > kl[layer, 8] for layer in plan)
     # The byte costs the allocator uses are the packed sizes in the file, so the plan's bytes are real.
     uniform, mixed = _packed_layer_bytes(out / "int3.pt"), _packed_layer_bytes(out / "mixed@3.pt")
     assert mixed.keys() == uniform.keys() and sum(mixed.values()) <= sum(uniform.values())

@@ -105,10 +105,8 @@ class MixedPrecision:
         if sum(min(c.values()) for c in cost.values()) > budget:  # only a MiB budget: bits are checked above
             smallest = (self._fixed_bytes(model, targets, layers) + sum(min(c.values()) for c in cost.values())) / 2**20
             raise ValueError(f"{self.name} cannot be met: the smallest feasible budget is mixed@{_ceil(smallest)}MiB")
-        key = ("sensitivity", tuple(layers), self.base.rounding, self.granularity)
-        rows = remembered(calibration, key, lambda: self.sensitivity(model, targets, layers, calibration))
         damage: dict[str, dict[int, float]] = {}
-        for row in rows:
+        for row in self.sensitivity(model, targets, calibration):
             damage.setdefault(row["layer"], {})[row["bits"]] = row["kl"]
         plan = allocate_bits(damage, cost, budget)
         # Summed damage is a model of the joint damage; where the best uniform plan that fits does
@@ -127,17 +125,22 @@ class MixedPrecision:
                 for x in calibration
             )
 
-    def sensitivity(
-        self, model: nn.Module, targets: Sequence[str], layers: Sequence[str], calibration: Sequence[Tensor]
-    ) -> list[dict]:
-        """Rows of :func:`layer_sensitivity` for ``layers`` on the calibration batches (no labels)."""
-        return layer_sensitivity(
-            model,
-            layers,
-            CANDIDATE_BITS,
+    def sensitivity(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor]) -> list[dict]:
+        """Rows of :func:`layer_sensitivity` for the ``targets`` of the float ``model`` on the calibration
+        batches (no labels, so no ``acc1``); measured once per :class:`Calibration`, rounding and grouping."""
+        layers = [name for name in targets if groupable(model.get_submodule(name).weight, self.granularity)]
+        key = ("sensitivity", tuple(layers), self.base.rounding, self.granularity)
+        return remembered(
             calibration,
-            lambda m, name, bits: self.base.round_weights(m, targets, {name: bits}, calibration),
-            self.granularity,
+            key,
+            lambda: layer_sensitivity(
+                model,
+                layers,
+                CANDIDATE_BITS,
+                calibration,
+                lambda m, name, bits: self.base.round_weights(m, targets, {name: bits}, calibration),
+                self.granularity,
+            ),
         )
 
     def budget_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str]) -> int:

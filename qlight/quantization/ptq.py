@@ -45,6 +45,7 @@ from qlight.quantization.recipes import (
     quantizable_modules,
     quantized_weight_sizes,
 )
+from qlight.quantization.sensitivity import write_sensitivity
 from qlight.quantization.serialization import quantized_bytes
 from qlight.quantization.speed import measure_speed
 from qlight.tables import markdown_table, write_results
@@ -167,6 +168,7 @@ class PostTrainingQuantization(Callback):
         self.save_models = save_models
         self.speed_repeats = speed_repeats
         self.results: list[dict[str, Any]] = []  # rows of the last run, as written to results.csv
+        self.plans: dict[str, dict[str, int]] = {}  # bits per layer of the last run's mixed recipes
 
     @staticmethod
     def _validate(
@@ -238,6 +240,7 @@ class PostTrainingQuantization(Callback):
         out = output_dir(trainer, self.output_dir, "ptq")
         inputs = _RunInputs(source, targets, calibration, example_input(trainer, pl_module), out)
         with exclusive_dir(out, "PostTrainingQuantization") if trainer.is_global_zero else contextlib.nullcontext():
+            self.plans = {}
             self.results = _finish_table([self._run_recipe(trainer, pl_module, r, inputs) for r in self.recipes])
             table = markdown_table(self.results, COLUMNS)
             if trainer.is_global_zero:
@@ -249,7 +252,8 @@ class PostTrainingQuantization(Callback):
             for key in ("acc1", "acc5", "size_mib")
             if row.get(key) is not None
         }
-        log_to_loggers(trainer, metrics, {"ptq/results": table})
+        plans = {f"ptq/plan/{name}": f"```\n{json.dumps(plan, indent=1)}\n```" for name, plan in self.plans.items()}
+        log_to_loggers(trainer, metrics, {"ptq/results": table, **plans})
         trainer.strategy.barrier("qlight_ptq")
         return self.results
 
@@ -286,9 +290,7 @@ class PostTrainingQuantization(Callback):
                 atomic_write_bytes(inputs.out / f"{recipe.name}{recipe.suffix}", payload)
             if isinstance(recipe, MixedPrecision):
                 row["bits"] = round(average_bits(model), 3)
-                if trainer.is_global_zero:
-                    plan = json.dumps(realised_plan(model), indent=1)
-                    atomic_write_text(inputs.out / f"{recipe.name}.plan.json", plan + "\n")
+                self._write_plan(trainer, recipe, model, inputs.calibration_on(device), inputs)
             row.update(acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload))
             row.update(_quantized_counts(model, recipe))
             if self.speed_repeats:
@@ -301,6 +303,22 @@ class PostTrainingQuantization(Callback):
             rank_zero_info(traceback.format_exc())
         row["seconds"] = round(time.perf_counter() - start, 2)
         return row
+
+    def _write_plan(
+        self, trainer: Trainer, recipe: MixedPrecision, model: nn.Module, calibration: Calibration, inputs: _RunInputs
+    ) -> None:
+        """``<recipe>.plan.json``; for a budget, also the sensitivity it was allocated from (CSV, heatmap,
+        TensorBoard), remembered by ``calibration``."""
+        self.plans[recipe.name] = realised_plan(model)
+        if not trainer.is_global_zero:
+            return
+        atomic_write_text(inputs.out / f"{recipe.name}.plan.json", json.dumps(self.plans[recipe.name], indent=1) + "\n")
+        if recipe.plan_file is None:
+            rows = recipe.sensitivity(inputs.source, inputs.targets, calibration)
+            title = f"{recipe.name}: KL divergence from fp32 (log)"
+            write_sensitivity(
+                trainer, rows, inputs.out / f"{recipe.name}.sensitivity", f"ptq/sensitivity/{recipe.name}", title
+            )
 
 
 def _expand(recipes: Sequence[str], granularities: list[str], methods: list[str]) -> list[Recipe]:

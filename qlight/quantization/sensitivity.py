@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -110,6 +111,19 @@ def heatmap(rows: Sequence[dict], title: str = "Layer sensitivity: KL divergence
     fig.colorbar(image, ax=ax, label="log10 KL")
     fig.tight_layout()
     return fig
+
+
+def write_sensitivity(trainer: Trainer, rows: Sequence[dict], stem: Path, tag: str, title: str | None = None) -> None:
+    """``<stem>.csv``, the heatmap as ``<stem>.png``, and the same figure to the loggers under ``tag``."""
+    write_csv(rows, stem.with_name(stem.name + ".csv"), COLUMNS)
+    figure = heatmap(rows, title) if title else heatmap(rows)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(stem.with_name(stem.name + ".png"), buffer.getvalue())
+    log_figure(trainer, tag, figure)
+    plt.close(figure)
 
 
 class LayerSensitivity(Callback):
@@ -230,11 +244,6 @@ class LayerSensitivity(Callback):
         self.results = rows
         if trainer.is_global_zero:
             out = output_dir(trainer, self.output_dir, "sensitivity")
-            write_csv(rows, out / "sensitivity.csv", COLUMNS)
-            figure = heatmap(rows)
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png", dpi=110)
-            atomic_write_bytes(out / "sensitivity.png", buffer.getvalue())
-            log_figure(trainer, "sensitivity/kl", figure)
+            write_sensitivity(trainer, rows, out / "sensitivity", "sensitivity/kl")
             rank_zero_info(f"Layer sensitivity: {out / 'sensitivity.csv'}")
         return rows

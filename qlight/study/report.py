@@ -28,7 +28,14 @@ from qlight.tables import markdown_table, read_csv  # noqa: E402
 
 GAP = 0.01  # "the bit-width where the gap to fp32 first exceeds 1 point"
 WHOLE_MODEL = (None, "cast", "pt2e")  # methods of rows that are not weight-only integer recipes
-FIGURES = ("accuracy_vs_bits", "accuracy_vs_size", "qat_epochs", "precision_loss", "precision_numerics")
+FIGURES = (
+    "accuracy_vs_bits",
+    "accuracy_vs_size",
+    "accuracy_vs_throughput",
+    "qat_epochs",
+    "precision_loss",
+    "precision_numerics",
+)
 CURVE_MODEL = "acc(b) = plateau - drop * 4^(-b)  (quantization noise variance ~ 2^(-2b)), least squares"
 
 
@@ -258,6 +265,23 @@ def _plot_accuracy_vs_size(results: dict[str, Any], ax: plt.Axes) -> bool:
     return True
 
 
+def _plot_accuracy_vs_throughput(results: dict[str, Any], ax: plt.Axes) -> bool:
+    timed = [r for r in results["ptq"] if r.get("images_per_s") and r.get("acc1") is not None]
+    if not timed:
+        return False
+    for i, device in enumerate(dict.fromkeys(r["device"] for r in timed)):
+        rows = [r for r in timed if r["device"] == device]
+        ax.plot([r["images_per_s"] for r in rows], [r["acc1"] for r in rows], "o", color=f"C{i}", label=device)
+        for r in rows:
+            ax.annotate(
+                r["recipe"].split("+")[0], (r["images_per_s"], r["acc1"]), xytext=(3, 3), textcoords="offset points"
+            )
+    ax.set(xscale="log", xlabel="images/s at the test batch size (log)", ylabel="test top-1")
+    ax.set_title("Accuracy vs throughput (PTQ, each on its device)")
+    ax.legend(fontsize=7)
+    return True
+
+
 def _plot_qat_epochs(results: dict[str, Any], ax: plt.Axes) -> bool:
     if not results["qat"]:
         return False
@@ -317,6 +341,7 @@ def _fp32_line(results: dict[str, Any], ax: plt.Axes) -> None:
 PLOTS: dict[str, Callable[[dict[str, Any], plt.Axes], bool]] = {
     "accuracy_vs_bits": _plot_accuracy_vs_bits,
     "accuracy_vs_size": _plot_accuracy_vs_size,
+    "accuracy_vs_throughput": _plot_accuracy_vs_throughput,
     "qat_epochs": _plot_qat_epochs,
     "precision_loss": _plot_precision_loss,
     "precision_numerics": _plot_precision_numerics,
