@@ -24,7 +24,7 @@ cp /tmp/gpu_logs/ptq/version_0/ptq/results.csv "$OUT/ptq_results.csv" 2>/dev/nul
 step "benchmark" 200 python3 benchmarks/bench.py
 grep '^{' "$OUT/fit.log" | tail -1 > "$OUT/bench.json"
 step "study (shortened)" 180 python3 -m qlight study --config configs/study.yaml --data.synthetic=true --study_dir=/tmp/gpu_study \
-  --baseline.epochs=6 --qat.epochs=2 --qat.bits=[4] --precision.epochs=3 --precision.sample_every_n_steps=20
+  --baseline.epochs=6 --qat.epochs=2 --qat.bits=[4] --qat.plans=[] --precision.epochs=3 --precision.sample_every_n_steps=20
 cp /tmp/gpu_study/report.md "$OUT/study_report.md" 2>/dev/null
 cp /tmp/gpu_study/results.json "$OUT/study_results.json" 2>/dev/null
 cp /tmp/gpu_study/accuracy_vs_bits.png /tmp/gpu_study/precision_numerics.png "$OUT/" 2>/dev/null
