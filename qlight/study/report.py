@@ -405,6 +405,7 @@ def _ptq_section(results: dict[str, Any]) -> list[str]:
                 "Δ vs fp32 (pt)": None if delta is None else f"{100 * delta:+.2f}",
                 "size MiB": None if size is None else f"{size:.2f}",
                 "compression": None if ratio is None else f"{ratio:.1f}x",
+                "images/s": None if r.get("images_per_s") is None else f"{r['images_per_s']:,.0f}",
                 "error": r.get("error"),
             }
         )

@@ -200,10 +200,10 @@ class Study:
                 raise QlightError(f"{key} must be at least 1, got {cfg[key]}")
         if cfg.baseline.ckpt and not Path(cfg.baseline.ckpt).is_file():
             raise QlightError(f"baseline checkpoint {cfg.baseline.ckpt} does not exist")
-        self._ptq()
+        ptq = self._ptq()
         for bits in cfg.qat.bits:
             QuantizationAwareTraining(weight_bits=bits)
-        mixed = [r.name for r in self._ptq().recipes if isinstance(r, MixedPrecision)]
+        mixed = [r.name for r in ptq.recipes if isinstance(r, MixedPrecision)]
         for recipe in cfg.qat.plans:
             if recipe not in mixed:
                 raise QlightError(
