@@ -38,8 +38,6 @@ from qlight.quantization.recipes import IntxWeightOnly, Recipe, check_granularit
 from qlight.quantization.serialization import quantized_bytes
 from qlight.quantization.speed import measure_speed
 
-_SETTINGS_BEFORE_0_2 = {"granularity": "per_kernel_position"}  # checkpoints of qlight 0.1 lack the key
-
 
 def _check_scales(learned_scales: bool, module: nn.Module, state_dict: dict[str, Any], *args: Any) -> None:
     # A load_state_dict pre-hook: a checkpoint trained with the other learned_scales setting would
@@ -114,6 +112,8 @@ class QuantizationAwareTraining(QATResults):
         >>> int4.model[0].weight.qdata.unique().numel() <= 16
         True
     """
+
+    _older_settings = {"granularity": "per_kernel_position"}  # checkpoints of qlight 0.1 lack the key
 
     def __init__(
         self,
@@ -290,14 +290,3 @@ class QuantizationAwareTraining(QATResults):
             f"this checkpoint was trained with {cls.__name__} ({what}); without that callback it would run the "
             f"float model: add {cls.__name__}(weight_bits={bits}) to the trainer"
         )
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._settings(), "results": self.results}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {key: state_dict.get(key, _SETTINGS_BEFORE_0_2.get(key)) for key in self._settings()}
-        if saved != self._settings():
-            raise QlightError(f"the checkpoint was trained with QAT {saved}, this callback has {self._settings()}")
-        self.results = list(state_dict["results"])

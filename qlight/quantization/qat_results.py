@@ -44,6 +44,25 @@ class QATResults(Callback):
         """The heading of ``results.md``."""
         raise NotImplementedError
 
+    _older_settings: dict[str, Any] = {}  # settings that older checkpoints lack, with the value they had
+
+    def _settings(self) -> dict[str, Any]:
+        """What the trained weights depend on: a checkpoint made with other settings is refused."""
+        raise NotImplementedError
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._settings(), "results": self.results}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {key: state_dict.get(key, self._older_settings.get(key)) for key in self._settings()}
+        if saved != self._settings():
+            raise QlightError(
+                f"the checkpoint was trained with {type(self).__name__} {saved}, this callback has {self._settings()}"
+            )
+        self.results = list(state_dict["results"])
+
     def _out(self, trainer: Trainer) -> Path:
         return output_dir(trainer, self.output_dir, "qat")
 

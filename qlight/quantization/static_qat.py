@@ -297,20 +297,6 @@ class StaticQuantizationAwareTraining(QATResults):
             "trainer"
         )
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._settings(), "results": self.results}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {key: state_dict.get(key) for key in self._settings()}
-        if saved != self._settings():
-            raise QlightError(
-                f"the checkpoint was trained with StaticQuantizationAwareTraining {saved}, this callback has "
-                f"{self._settings()}"
-            )
-        self.results = list(state_dict["results"])
-
 
 @contextlib.contextmanager
 def _swapped(owner: nn.Module, name: str, module: nn.Module) -> Iterator[None]:
