@@ -6,12 +6,18 @@ from pathlib import Path
 from qlight.tables import read_csv
 
 
-def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(
-        "bench", Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
+    bench = load_benchmark("bench")
     summary = bench.main(
         [
             "--quick",
@@ -56,11 +62,7 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
 
 
 def test_ptq_sweep_benchmark_runs_on_tiny_sizes(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "ptq_sweep", Path(__file__).resolve().parents[1] / "benchmarks" / "ptq_sweep.py"
-    )
-    ptq_sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ptq_sweep)
+    ptq_sweep = load_benchmark("ptq_sweep")
     args = ["--recipes", "fp32", "int4", "--methods", "rtn+bias_correction", "--calibration-batches=1"]
     summary = ptq_sweep.main([*args, "--batch-size=4", "--test-images=8", f"--workdir={tmp_path}"])
     assert list(summary["seconds"]) == ["fp32", "int4+bias_correction"] and summary["wall_seconds"] > 0
@@ -69,11 +71,7 @@ def test_ptq_sweep_benchmark_runs_on_tiny_sizes(tmp_path, capsys):
 
 
 def test_sensitivity_benchmark_runs_on_tiny_sizes(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "sensitivity_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "sensitivity.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("sensitivity")
     summary = bench.main(["--images=8", "--batch-size=4", "--bits", "2", "8", f"--workdir={tmp_path}"])
     assert (summary["layers"], summary["images"]) == (11, 8) and summary["wall_seconds"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
