@@ -93,7 +93,7 @@ class MixedPrecision:
 
     def allocate(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor]) -> Plan:
         """The plan of least summed KL divergence within the budget (``model`` is left as it was)."""
-        layers = [name for name in targets if groupable(model.get_submodule(name).weight, self.granularity)]
+        layers = self._layers(model, targets)
         cost = {
             name: {
                 bits: weight_bytes(model.get_submodule(name).weight.shape, bits, self.granularity)
@@ -116,6 +116,10 @@ class MixedPrecision:
             return plan
         return min(plan, dict.fromkeys(layers, uniform), key=lambda p: self._joint_kl(model, targets, p, calibration))
 
+    def _layers(self, model: nn.Module, targets: Sequence[str]) -> list[str]:
+        """The targets whose weights this grouping can quantize."""
+        return [name for name in targets if groupable(model.get_submodule(name).weight, self.granularity)]
+
     def _joint_kl(self, model: nn.Module, targets: Sequence[str], plan: Plan, calibration: Sequence[Tensor]) -> float:
         quantized = copy.deepcopy(model)
         self.base.round_weights(quantized, targets, plan, calibration)
@@ -128,7 +132,7 @@ class MixedPrecision:
     def sensitivity(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor]) -> list[dict]:
         """Rows of :func:`layer_sensitivity` for the ``targets`` of the float ``model`` on the calibration
         batches (no labels, so no ``acc1``); measured once per :class:`Calibration`, rounding and grouping."""
-        layers = [name for name in targets if groupable(model.get_submodule(name).weight, self.granularity)]
+        layers = self._layers(model, targets)
         key = ("sensitivity", tuple(layers), self.base.rounding, self.granularity)
         return remembered(
             calibration,

@@ -156,7 +156,7 @@ class QuantizationAwareTraining(QATResults):
         freeze_bn_epoch: int | None,
         eval_split: str,
     ) -> None:
-        uniform = weight_bits if isinstance(weight_bits, int) or weight_bits is None else MIN_BITS  # plans: in setup
+        uniform = None if isinstance(weight_bits, (str, Mapping)) else weight_bits  # a plan is checked in setup
         for name, bits in (("weight_bits", uniform), ("activation_bits", activation_bits)):
             if bits is not None and not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
                 raise QlightError(f"{name} must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
