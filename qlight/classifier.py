@@ -12,12 +12,14 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.models import build_backbone
+from qlight.quantization.lightning_plumbing import logs_this_step
 
 
 class ImageClassifier(LightningModule):
     """Cross-entropy classifier trained with SGD (Nesterov) and a per-step cosine or one-cycle schedule.
 
-    Logs ``train/loss``, ``val/loss``, ``val/acc1``, ``val/acc5`` and the same under ``test/``.
+    Logs ``train/loss`` (on the steps the loggers write: every ``log_every_n_steps``), ``val/loss``,
+    ``val/acc1``, ``val/acc5`` and the same under ``test/``.
 
     Args:
         backbone: a registered name (see ``qlight.models.BACKBONES``) or a ready ``nn.Module``.
@@ -91,7 +93,8 @@ class ImageClassifier(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         loss = self.criterion(self(images), labels)
-        self.log("train/loss", loss)  # not on the progress bar: showing it reads it back every step
+        if logs_this_step(self):  # not on the progress bar: showing it reads it back every step
+            self.log("train/loss", loss)
         return loss
 
     def _evaluate(

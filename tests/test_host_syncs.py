@@ -2,10 +2,12 @@
 queued work, so the Python side can no longer run ahead and the step time becomes host + device.
 Checked on the CPU by counting the Tensor methods that would synchronize on a GPU."""
 
+import csv
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from qlight import CIFAR100DataModule, ImageClassifier, QuantizationAwareTraining
@@ -73,3 +75,31 @@ def test_training_steps_read_nothing_back_between_log_intervals(tmp_path, monkey
     trainer.fit(ImageClassifier(tiny_backbone()), data)
     assert trainer.global_step == 14 and not counter.active
     assert counter.reads == []
+
+
+def test_train_loss_is_logged_only_on_the_steps_the_loggers_write(tmp_path, monkeypatch):
+    logged_at = []
+    original = ImageClassifier.log
+
+    def log(self, name, *args, **kwargs):
+        if name == "train/loss":
+            logged_at.append(self.trainer.global_step)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(ImageClassifier, "log", log)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=3,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    data = CIFAR100DataModule(batch_size=4, val_size=0, synthetic=True, synthetic_train_size=64, synthetic_test_size=8)
+    trainer.fit(ImageClassifier(tiny_backbone()), data)
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as rows:
+        written = [int(row["step"]) for row in csv.DictReader(rows) if row.get("train/loss")]
+    # self.log costs host time on every call: it runs exactly where a value reaches the logger.
+    assert written == [2, 5, 8] and logged_at == written

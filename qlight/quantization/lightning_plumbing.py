@@ -131,6 +131,14 @@ def evaluate(
     return Accuracy(acc1=float(totals[0] / max(count, 1)), acc5=float(totals[1] / max(count, 1)), count=count)
 
 
+def logs_this_step(pl_module: LightningModule) -> bool:
+    """Whether the loggers write what the current training step logs (every ``log_every_n_steps``;
+    always outside a Trainer). ``self.log`` costs about half a millisecond of host time per call, an
+    eighth of a small model's step, and Lightning drops the values of the other steps unread."""
+    trainer = pl_module._trainer
+    return trainer is None or bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+
+
 def output_dir(trainer: Trainer, given: str | None, name: str) -> Path:
     """``given`` or ``<log_dir>/<name>`` (the logger's version folder, else ``default_root_dir``)."""
     return Path(given) if given else Path(trainer.log_dir or trainer.default_root_dir) / name
