@@ -78,7 +78,8 @@ def test_fused_fake_quant_is_torchaos_forward_with_a_straight_through_gradient(b
     grad = torch.randn(shape, dtype=dtype)
     out.backward(grad)
     expected.backward(grad)
-    codes = torch.round(x * (1.0 / quantizer.scale)) + quantizer.zero_point
+    scale, zero_point = quantizer.qparams(x)
+    codes = torch.round(x * (1.0 / scale)) + zero_point
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     assert torch.equal(fused.grad, grad * ((codes >= qmin) & (codes <= qmax)))
     # torchao's clamp drops the gradient at the boundary codes too, and its grad * eps / eps is
@@ -86,6 +87,72 @@ def test_fused_fake_quant_is_torchaos_forward_with_a_straight_through_gradient(b
     interior = (codes > qmin) & (codes < qmax)
     interior[0] = False
     torch.testing.assert_close(fused.grad[interior], reference.grad[interior])  # tolerance per dtype
+
+
+def _layers_alone(model):
+    """A copy of ``model`` whose weight quantizers each run alone (no weight group)."""
+    alone = copy.deepcopy(model)
+    for module in alone.modules():
+        if isinstance(module, FusedFakeQuantizer):
+            module.group = None
+    return alone
+
+
+def _train_steps(model, batches, accumulate=1):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for index, (x, y) in enumerate(batches):
+        F.cross_entropy(model(x), y).backward()
+        if (index + 1) % accumulate == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_kernel_position"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_weights_fake_quantized_together_train_exactly_as_each_layer_alone(tmp_path, granularity, accumulate):
+    # A plan with three bit-widths, so one group holds layers of different ranges.
+    bits = {"net.0": 2, "net.3": 3, "net.8": 4, "net.10": 8}
+    model, qat = prepared(tmp_path, bits=bits, granularity=granularity)
+    assert {m.weight_fake_quantizer.group for m in model.modules() if isinstance(m, FakeQuantizedConv2d)} != {None}
+    alone = _layers_alone(model)
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(6)]
+    # Optimizer steps change the weights between forwards; with accumulate=2 two backward passes
+    # run between steps, through two forwards of unchanged weights.
+    trained = _train_steps(model, batches, accumulate)
+    assert all(torch.equal(a, b) for a, b in zip(trained, _train_steps(alone, batches, accumulate), strict=True))
+    model.eval()
+    alone.eval()
+    x = batches[0][0]
+    with torch.no_grad():
+        assert torch.equal(model(x), alone(x))
+        conv = model.net[3]
+        first = conv.weight_fake_quantizer(conv.weight)
+        model(x)
+        assert conv.weight_fake_quantizer(conv.weight) is first  # evaluation quantizes the weights once
+        for layer in (conv, alone.net[3]):
+            layer.weight.mul_(0.5)  # changed in place, as load_state_dict does
+        assert torch.equal(model(x), alone(x))
+    converted = qat.convert(model)  # the conversion reads each layer alone: the same codes
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-5
+    model.train()(x).sum()  # a forward whose graph no backward has consumed yet
+    copy.deepcopy(model)  # the copy leaves that graph behind (a graph cannot be deep-copied)
+
+
+def test_weight_group_steps_aside_for_other_tensors_and_dtypes(tmp_path):
+    model, _ = prepared(tmp_path, bits=4)
+    conv = model.net[3]
+    other = torch.randn_like(conv.weight)
+    quantizer = conv.weight_fake_quantizer
+    assert torch.equal(quantizer(other), quantizer.fake_quantize(other))
+    assert not torch.equal(quantizer(other), quantizer(conv.weight))
+    half = _layers_alone(model).to(torch.bfloat16)
+    model.to(torch.bfloat16)  # the group runs float32 weights only; bfloat16 ones go layer by layer
+    x = torch.randn(4, 1, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model(x), half(x))
 
 
 def test_forward_kwargs_pass_through(tmp_path):

@@ -4,8 +4,9 @@ torchao's QAT swaps only ``nn.Linear`` (``FakeQuantizedLinear``); it has no fake
 :class:`FakeQuantizedConv2d` fills that gap with torchao's ``IntxFakeQuantizer`` semantics, grouping
 conv weights as qlight's weight-only recipes do (``per_channel`` or ``per_kernel_position``, see
 :mod:`qlight.quantization.intx`), so converting after training reproduces the trained numerics.
-Per-step scales go through :class:`FusedFakeQuantizer` (torchao's forward in one autograd node);
-learned scales use torchao's quantizer itself (:class:`TorchaoFakeQuantizer`).
+Per-step scales go through :class:`FusedFakeQuantizer` (torchao's forward, bit for bit, in a dozen
+ops; the weights of all layers of a model in one autograd node per step); learned scales use
+torchao's quantizer itself (:class:`TorchaoFakeQuantizer`).
 """
 
 from __future__ import annotations
@@ -70,44 +71,108 @@ class TorchaoFakeQuantizer(IntxFakeQuantizer):
         return _from_rows(super().forward(_to_rows(x, self.whole_rows)), x.shape, self.whole_rows)
 
 
-class _FakeQuantize(torch.autograd.Function):
-    # torchao's dynamic fake-quant numerics (choose_qparams_affine + _fake_quantize_affine, op for
-    # op and dtype for dtype, so the forward is bit-identical) in one autograd node, grouped over a
-    # dim in place: torchao's version records about 170 autograd/ATen events per call plus, on conv
-    # inputs, two permuted copies, which on a GPU leaves the QAT step bound by the host.
+def _qparams(
+    x: Tensor, dim: int | tuple[int, ...], qmin: int, qmax: int, symmetric: bool, eps: float, scale_dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    # torchao's choose_qparams_affine, op for op and dtype for dtype. Asymmetric: instead of the zero
+    # point z it returns qmin - z, the lowest code before the shift, so that the forward clamps
+    # round(x / s) to [qmin - z, qmax - z] and skips adding and subtracting z (exact on integers). z
+    # needs no clamp: with 0 in [low, high], |low| / s <= qmax - qmin.
+    if symmetric:
+        scale = x.abs().amax(dim, keepdim=True).div_((qmax - qmin) / 2).clamp_(min=eps)
+        return scale.to(scale_dtype), None
+    low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)  # on conv inputs faster than aminmax
+    scale = high.clamp_(min=0).sub_(low.clamp_(max=0)).div_(qmax - qmin).clamp_(min=eps)
+    return scale.to(scale_dtype), low.div_(scale).round_()
+
+
+def _fake_quantize(x: Tensor, dim: int | tuple[int, ...], qmin: int, qmax: int, *qparams_args) -> Tensor:
+    # torchao's dynamic fake-quant numerics (choose_qparams_affine + _fake_quantize_affine, bit for
+    # bit) in a dozen ops outside autograd, plus three that pass the gradient straight through where
+    # the code was not clamped. torchao's version records about 170 autograd/ATen events per call
+    # and, on conv inputs, two permuted copies; on a GPU that leaves the QAT step bound by the host.
+    needs_grad = x.requires_grad and torch.is_grad_enabled()
+    with torch.no_grad():
+        scale, lowest = _qparams(x, dim, qmin, qmax, *qparams_args)
+        codes = torch.mul(x, scale.reciprocal()).round_()
+        clamped = codes.clamp(qmin, qmax) if lowest is None else torch.clamp(codes, lowest, lowest + (qmax - qmin))
+        inside = clamped == codes if needs_grad else None
+        out = clamped.mul_(scale).to(x.dtype)
+    return out + (x - x.detach()) * inside if needs_grad else out  # x - x.detach() is 0: the forward stays exact
+
+
+class _FakeQuantizeWeights(torch.autograd.Function):
+    # _qparams and _fake_quantize's symmetric forward (same ops, same order: bit-identical) for the
+    # weights of many layers in one autograd node, in ten foreach calls whatever the number of layers.
     @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        dim: int | tuple[int, ...],
-        qmin: int,
-        qmax: int,
-        symmetric: bool,
-        eps: float,
-        scale_dtype: torch.dtype,
-    ):
-        if symmetric:
-            scale = x.abs().amax(dim, keepdim=True).div_(float(qmax - qmin) / 2).clamp_(min=eps).to(scale_dtype)
-            zero_point = 0
-            ctx.mark_non_differentiable(scale)
-            codes = torch.round(x * scale.reciprocal())
-        else:
-            low, high = torch.aminmax(x, dim=dim, keepdim=True)
-            scale = (high.clamp_(min=0) - low.clamp_(max=0)).div_(float(qmax - qmin)).clamp_(min=eps)
-            zero_point = (qmin - torch.round(low / scale)).clamp_(qmin, qmax)
-            scale = scale.to(scale_dtype)
-            ctx.mark_non_differentiable(scale, zero_point)
-            codes = torch.round(x * scale.reciprocal()).add_(zero_point)
-        clamped = codes.clamp(qmin, qmax)
-        ctx.save_for_backward(clamped == codes)
-        if not symmetric:
-            clamped.sub_(zero_point)
-        return clamped.mul_(scale).to(x.dtype), scale, zero_point
+    def forward(ctx, group: _WeightGroup, *weights: Tensor):
+        absolute = torch._foreach_abs(weights)
+        scale = [a.amax(dim, keepdim=True) for a, dim in zip(absolute, group.dims, strict=True)]
+        torch._foreach_div_(scale, group.halves)
+        torch._foreach_clamp_min_(scale, group.eps)
+        codes = torch._foreach_mul(weights, torch._foreach_reciprocal(scale))
+        torch._foreach_round_(codes)
+        # With s = max|w| / ((qmax - qmin) / 2), round(w / s) lies in [qmin, qmax + 1]: only the top
+        # needs the clamp, and codes - clamped is 1 where the clamp cut, 0 elsewhere.
+        clamped = torch._foreach_clamp_max(codes, group.qmaxs)
+        ctx.save_for_backward(*torch._foreach_sub(codes, clamped))
+        ctx.group = group
+        torch._foreach_mul_(clamped, scale)
+        return tuple(clamped)
 
     @staticmethod
-    def backward(ctx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None, None, None
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        ctx.group.consumed = True
+        return None, *torch._foreach_addcmul(grads, grads, ctx.saved_tensors, value=-1)  # grad * (1 - cut)
+
+
+class _WeightGroup:
+    """The per-step weight quantizers of one model, fake-quantized together in one autograd node
+    when the first of them runs. A layer's result is reused until its weight changes (an optimizer
+    step bumps the version), the grad mode changes or a backward pass has consumed the node; a
+    training step therefore computes it once, and evaluation once for all its batches."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        quantizers = [m.weight_fake_quantizer for m in modules]
+        self.dims = [quantizer.dims(m.weight.dim()) for quantizer, m in zip(quantizers, modules, strict=True)]
+        self.qmaxs = [quantizer.qmax for quantizer in quantizers]
+        self.halves = [(quantizer.qmax - quantizer.qmin) / 2 for quantizer in quantizers]
+        self.eps = [
+            torch.finfo(torch.float32).smallest_normal if q.config.eps is None else q.config.eps for q in quantizers
+        ]
+        for index, quantizer in enumerate(quantizers):
+            quantizer.group, quantizer.index = self, index
+        self._clear()
+
+    def _clear(self) -> None:
+        self.weights: list[Tensor] = []
+        self.versions: list[int] = []
+        self.outputs: tuple[Tensor, ...] = ()
+        self.grad_enabled = self.consumed = False
+
+    def __getstate__(self) -> dict:
+        # A copy of the model (deepcopy) must not carry this step's autograd graph.
+        return {**self.__dict__, "weights": [], "versions": [], "outputs": ()}
+
+    def fake_quantized(self, index: int, weight: Tensor) -> Tensor | None:
+        """Layer ``index``'s fake-quantized ``weight``; ``None`` where the group does not apply."""
+        if weight.dtype != torch.float32:
+            return None
+        if (
+            not self.outputs
+            or self.consumed
+            or self.grad_enabled != torch.is_grad_enabled()
+            or self.versions[index] != weight._version
+        ):
+            self.weights = [m.weight for m in self.modules]
+            if any(w.dtype != torch.float32 for w in self.weights):
+                self._clear()
+                return None
+            self.outputs = _FakeQuantizeWeights.apply(self, *self.weights)
+            self.versions = [w._version for w in self.weights]
+            self.grad_enabled, self.consumed = torch.is_grad_enabled(), False
+        return self.outputs[index] if self.weights[index] is weight else None  # not the layer's weight (now)
 
 
 class FusedFakeQuantizer(IntxFakeQuantizer):
@@ -115,7 +180,8 @@ class FusedFakeQuantizer(IntxFakeQuantizer):
     dynamic scales: symmetric weights and asymmetric per-token activations.
 
     Groups in place, as :class:`TorchaoFakeQuantizer` does on rows. Gradients pass straight through
-    where the rounded code lies within [qmin, qmax], as in PyTorch's fused fake-quant ops.
+    where the rounded code lies within [qmin, qmax], as in PyTorch's fused fake-quant ops. The weight
+    quantizers that :func:`insert_fake_quant` puts in a model run together, once per training step.
     """
 
     def __init__(self, config: IntxFakeQuantizeConfig, whole_rows: bool = False) -> None:
@@ -125,20 +191,37 @@ class FusedFakeQuantizer(IntxFakeQuantizer):
         super().__init__(config)
         self.whole_rows = whole_rows
         self.qmin, self.qmax = _DTYPE_TO_QVALUE_BOUNDS[config.dtype]
+        self.group: _WeightGroup | None = None
+        self.index = 0
+
+    def dims(self, rank: int) -> int | tuple[int, ...]:
+        """The dims that share a scale, for a tensor of ``rank`` dims."""
+        if rank == 4:
+            return (1, 2, 3) if self.whole_rows else 1
+        return -1
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
+        if self.group is not None:
+            out = self.group.fake_quantized(self.index, x)
+            if out is not None:
+                return out
+        return self.fake_quantize(x)
+
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        """``x`` fake-quantized by this quantizer alone."""
+        return _fake_quantize(x, self.dims(x.dim()), self.qmin, self.qmax, *self._qparams_args(x))
+
+    def qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The scales and zero points that fake-quantizing ``x`` uses, grouped as ``x`` (keepdim)."""
+        scale, lowest = _qparams(x.detach(), self.dims(x.dim()), self.qmin, self.qmax, *self._qparams_args(x))
+        return scale, torch.zeros_like(scale, dtype=torch.int32) if lowest is None else self.qmin - lowest
+
+    def _qparams_args(self, x: Tensor) -> tuple[bool, float, torch.dtype]:
         config = self.config
         eps = config.eps if config.eps is not None else torch.finfo(x.dtype).smallest_normal
-        if x.dim() == 4:
-            dim: int | tuple[int, ...] = (1, 2, 3) if self.whole_rows else 1
-        else:
-            dim = -1
-        out, self.scale, self.zero_point = _FakeQuantize.apply(
-            x, dim, self.qmin, self.qmax, config.is_symmetric, eps, config.scale_precision
-        )
-        return out
+        return config.is_symmetric, eps, config.scale_precision
 
 
 def fake_quantizer(config: IntxFakeQuantizeConfig, whole_rows: bool = False) -> IntxFakeQuantizer:
@@ -237,6 +320,15 @@ def insert_fake_quant(
                 swapped.activation_fake_quantizer = fake_quantizer(activation)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, swapped)
+    grouped = [
+        m
+        for m in model.modules()
+        if isinstance(m, FAKE_QUANTIZED)
+        and isinstance(m.weight_fake_quantizer, FusedFakeQuantizer)
+        and m.weight_fake_quantizer.config.scale_precision == torch.float32
+    ]
+    if grouped:
+        _WeightGroup(grouped)
 
 
 def remove_fake_quant(model: nn.Module) -> list[str]:
@@ -255,11 +347,15 @@ def weight_qparams(module: nn.Module) -> tuple[Tensor, Tensor]:
     layout: one per block, same rank as the weight) that a fake-quantized module's forward uses."""
     quantizer = module.weight_fake_quantizer
     weight = module.weight.detach()
-    with torch.no_grad():
-        quantizer(weight)  # refreshes per-step scales; learned ones stay as trained
+    if isinstance(quantizer, FusedFakeQuantizer):
+        scale = quantizer.qparams(weight)[0]
+    else:
+        with torch.no_grad():
+            quantizer(weight)  # a learned quantizer's scales stay as trained; this initializes them if new
+        scale = quantizer.scale.detach()
     block = block_size(weight.shape, "per_channel" if quantizer.whole_rows else "per_kernel_position")
     # Scales come in block layout from the fused quantizer, as one row per block from torchao's.
-    scale = quantizer.scale.detach().reshape([size // b for size, b in zip(weight.shape, block, strict=True)])
+    scale = scale.reshape([size // b for size, b in zip(weight.shape, block, strict=True)])
     qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[quantizer.config.dtype]
     codes = quantize_affine(weight, block, scale, torch.zeros_like(scale, dtype=torch.int32), torch.int8, qmin, qmax)
     return codes, scale
