@@ -5,10 +5,11 @@
 
 Prints a table, then one JSON line with ``fit_vs_plain`` (qlight fit images/s over the plain
 loop's), ``qat_vs_plain`` (QAT int4 step time over the plain loop's), ``int8_vs_fp32`` (the faster
-CPU int8 path's images/s over fp32's, batch 64), ``fit_host_vs_plain`` and ``qat_host_vs_fit`` (host
-ms per step, (h)), ``w8a8_step_vs_float`` (W8A8 QAT step time over a float step, on the CPU),
-``w8a8_int8_vs_ptq`` (images/s of the converted W8A8 QAT graph over PTQ int8_static's, on the CPU) and
-the rest of the numbers.
+CPU int8 path's images/s over fp32's, batch 64), ``fit_host_vs_plain``, ``qat_host_vs_fit`` and
+``qat_act_host_vs_fit`` (host ms per step, (h): qlight fit over the plain loop, QAT int4 weights and
+QAT int4 weights + int8 activations over qlight fit), ``w8a8_step_vs_float`` (W8A8 QAT step time
+over a float step, on the CPU), ``w8a8_int8_vs_ptq`` (images/s of the converted W8A8 QAT graph over
+PTQ int8_static's, on the CPU) and the rest of the numbers.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def host_step_runs(
     arithmetic is negligible and what remains is the per-step Python and dispatch work that a GPU
     step has to hide behind its kernels. Runs QAT with qlight's fused fake-quant and with torchao's."""
     # lr 0.01: at batch 2, lr 0.1 can train NaN into the weights, which QAT's conversion refuses.
-    small = {"batch_size": 2, "steps": 60, "warmup": 10, "lr": 0.01}
+    small = {"batch_size": 2, "steps": 200, "warmup": 10, "lr": 0.01}
     host = argparse.Namespace(**{**vars(args), **small, "accelerator": "cpu", "precision": "32-true"})
     cpu = torch.device("cpu")
 
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "int8_vs_fp32": max(v for k, v in int8_ips.items() if k != "fp32") / int8_ips["fp32"] if int8_ips else None,
         "fit_host_vs_plain": host_ms["qlight fit"] / host_ms["plain loop"],
         "qat_host_vs_fit": host_ms["+ QAT int4 weights (fused)"] / host_ms["qlight fit"],
+        "qat_act_host_vs_fit": host_ms["+ QAT int4 w + int8 act (fused)"] / host_ms["qlight fit"],
         "ptq_seconds": seconds,
         "ptq_sweep_seconds": sum(seconds.values()),
         "host_ms_per_step": host_ms,
