@@ -24,6 +24,8 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
             "--steps=2",
             "--warmup=1",
             "--repeats=1",
+            "--host-steps=2",
+            "--host-repeats=2",
             "--batch-size=4",
             "--images=64",
             "--test-images=16",
@@ -52,7 +54,8 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     }
     assert len(summary["fake_quant_host_ms"]) == 4 and len(summary["host_ms_per_step"]) == 6
     assert all(v > 0 for v in summary["host_ms_per_step"].values())
-    assert summary["fit_host_vs_plain"] > 0 and summary["qat_host_vs_fit"] > 0 and summary["int8_vs_fp32"] is None
+    assert all(summary[key] > 0 for key in ("fit_host_vs_plain", "qat_host_vs_fit", "qat_act_host_vs_fit"))
+    assert summary["int8_vs_fp32"] is None
     assert set(summary["w8a8_cpu_train_images_per_s"]) == {"float", "W8A8 QAT"}
     assert set(summary["w8a8_cpu_inference_images_per_s"]) == {"W8A8 QAT (converted)", "PTQ int8_static"}
     assert summary["w8a8_step_vs_float"] > 0 and summary["w8a8_int8_vs_ptq"] > 0
