@@ -1,7 +1,7 @@
 """Training and inference throughput of qlight against a plain PyTorch loop, in one process.
 
     python benchmarks/bench.py            # full sizes (meant for a GPU)
-    python benchmarks/bench.py --quick    # small sizes on whatever device is present (CPU: ~6 min)
+    python benchmarks/bench.py --quick    # small sizes on whatever device is present (CPU: ~5 min)
 
 Prints a table, then one JSON line with ``fit_vs_plain`` (qlight fit images/s over the plain
 loop's), ``qat_vs_plain`` (QAT int4 step time over the plain loop's), ``int8_vs_fp32`` (the faster

@@ -1,8 +1,9 @@
 """Lightning plumbing for callbacks that run the model outside the Trainer's loops: copies, loaders,
-transferred batches, evaluation across ranks, checkpoint weights, output folders and loggers.
+transferred batches, evaluation across ranks, checkpoint weights, output folders and loggers; and
+for modules, whether a training step's logged values reach the loggers.
 
 Everything here that touches Lightning internals (``_apply_batch_transfer_handler``, the running
-stage) lives in this one module."""
+stage, the logger connector) lives in this one module."""
 
 from __future__ import annotations
 
