@@ -89,6 +89,18 @@ def test_a_static_file_does_not_grow_with_the_batch_and_runs_any_batch(tmp_path)
     assert [graph(torch.randn(n, 1, 8, 8)).shape for n in (1, 7)] == [(1, 10), (7, 10)]
 
 
+def test_a_static_graph_dequantizes_each_weight_next_to_its_layer(tmp_path):
+    # All weights dequantized up front would keep a float copy of the whole model alive through the
+    # forward pass.
+    source = DigitsNet().eval()
+    (tmp_path / "int8_static.pt2").write_bytes(static_bytes(source, torch.randn(4, 1, 8, 8)))
+    graph = load_quantized(tmp_path / "int8_static.pt2")
+    calls = [node for node in graph.graph.nodes if node.op == "call_function"]
+    dequantized = [i for i, node in enumerate(calls) if "dequantize_per_channel" in str(node.target)]
+    assert len(dequantized) == 4
+    assert all(calls[i + 1] in calls[i].users and "dequantize" not in str(calls[i + 1].target) for i in dequantized)
+
+
 @pytest.mark.parametrize("name", ["int3", "int4", "int8", "bf16"])
 def test_load_quantized_reproduces_outputs(tmp_path, name):
     source = ImageClassifier(num_classes=10).eval()

@@ -275,6 +275,7 @@ class StaticPT2E:
         if targets and not quantized_weight_sizes(converted):
             raise RuntimeError(f"{self.name}: torchao's quantizer matched no layer with torch {torch.__version__}")
         _drop_unused_attributes(converted)
+        _dequantize_weights_where_used(converted)
         if self.runtime == "eager":
             return converted
         fast = (
@@ -308,6 +309,17 @@ def _x86_quantizer(weight_bits: int, is_qat: bool = False, float_modules: Iterab
     for name in float_modules:
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
+
+
+def _dequantize_weights_where_used(graph_module: torch.fx.GraphModule) -> None:
+    # convert_pt2e dequantizes every weight at the top of the graph, so that all float copies (the
+    # whole model in fp32) live through the forward pass; next to its layer each lives for one op.
+    # On VGG-11-BN at batch 32 on the CPU that made the eager int8 graph about 12% slower.
+    order = {node: index for index, node in enumerate(graph_module.graph.nodes)}
+    for node in list(graph_module.graph.nodes):
+        if node.target is torch.ops.quantized_decomposed.dequantize_per_channel.default and node.users:
+            min(node.users, key=order.__getitem__).prepend(node)
+    graph_module.recompile()
 
 
 def _drop_unused_attributes(graph_module: torch.fx.GraphModule) -> None:
