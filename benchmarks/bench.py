@@ -320,6 +320,12 @@ def fake_quant_host_ms(args: argparse.Namespace) -> dict[str, float]:
     return result
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes on whatever device is present")
@@ -327,8 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, help="unmeasured steps first")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions; the best of each is kept")
-    parser.add_argument("--host-steps", type=int, default=200, help="measured steps per configuration of (h)")
-    parser.add_argument("--host-repeats", type=int, default=7, help="interleaved repetitions of (h); medians")
+    parser.add_argument("--host-steps", type=_at_least_one, default=200, help="measured steps per configuration of (h)")
+    parser.add_argument("--host-repeats", type=_at_least_one, default=7, help="interleaved repetitions of (h); medians")
     parser.add_argument("--images", type=int, help="synthetic training images")
     parser.add_argument("--test-images", type=int, help="synthetic test images for PTQ")
     parser.add_argument(

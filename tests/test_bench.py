@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from qlight.tables import read_csv
 
 
@@ -79,3 +81,12 @@ def test_sensitivity_benchmark_runs_on_tiny_sizes(tmp_path, capsys):
     assert (summary["layers"], summary["images"]) == (11, 8) and summary["wall_seconds"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
     assert len(read_csv(tmp_path / "sensitivity" / "sensitivity.csv")) == 22
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_host_repeats_and_steps_must_be_positive(capsys, value):
+    bench = load_benchmark("bench")
+    for flag in ("--host-repeats", "--host-steps"):
+        with pytest.raises(SystemExit):
+            bench.parse_args([flag, value])
+        assert f"{flag}: must be a whole number of at least 1" in capsys.readouterr().err
