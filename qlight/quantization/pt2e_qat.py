@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torchao.quantization.pt2e import FakeQuantizeBase
 
 from qlight.errors import QlightError
-from qlight.quantization.recipes import _dequantize_weights_where_used, _drop_unused_attributes, export_batched
+from qlight.quantization.recipes import export_batched, tidy_converted
 
 aten = torch.ops.aten
 # The index of the ``training`` argument of the ops an exported training graph holds.
@@ -225,8 +225,7 @@ def convert(graph: GraphModule) -> GraphModule:
     _drop_batch_counting(model)
     with _patterns_for_convs_in(model):
         converted = convert_pt2e(model)
-    _drop_unused_attributes(converted)
-    _dequantize_weights_where_used(converted)
+    tidy_converted(converted)
     for name in ("train", "eval"):  # an inference graph: nn.Module's own train/eval again
         converted.__dict__.pop(name, None)
     for key in (_STATE, _USER_PRESERVED_ATTRIBUTES_KEY):
