@@ -155,6 +155,20 @@ def test_weight_group_steps_aside_for_other_tensors_and_dtypes(tmp_path):
         assert torch.equal(model(x), half(x))
 
 
+def test_a_compiled_qat_model_traces_as_one_graph_and_trains_as_eager(tmp_path):
+    model, _ = prepared(tmp_path, bits=4, activation_bits=8)
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
+    for a, b in zip(_train_steps(compiled, batches), _train_steps(eager, batches), strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(batches[0][0]), eager.eval()(batches[0][0]))
+    torch._dynamo.reset()
+
+
 def test_forward_kwargs_pass_through(tmp_path):
     model, _ = prepared(tmp_path)
     x = torch.randn(2, 1, 8, 8)

@@ -181,7 +181,8 @@ class FusedFakeQuantizer(IntxFakeQuantizer):
 
     Groups in place, as :class:`TorchaoFakeQuantizer` does on rows. Gradients pass straight through
     where the rounded code lies within [qmin, qmax], as in PyTorch's fused fake-quant ops. The weight
-    quantizers that :func:`insert_fake_quant` puts in a model run together, once per training step.
+    quantizers that :func:`insert_fake_quant` puts in a model run together, once per training step,
+    except under ``torch.compile``, where each runs alone and Inductor fuses its ops.
     """
 
     def __init__(self, config: IntxFakeQuantizeConfig, whole_rows: bool = False) -> None:
@@ -203,7 +204,9 @@ class FusedFakeQuantizer(IntxFakeQuantizer):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        if self.group is not None:
+        # The group's cache is Python state that Dynamo cannot trace: a compiled model would break
+        # its graph at every layer and recompile per layer shape.
+        if self.group is not None and not torch.compiler.is_compiling():
             out = self.group.fake_quantized(self.index, x)
             if out is not None:
                 return out
