@@ -68,9 +68,11 @@ def plain_loop(
     args: argparse.Namespace,
     device: torch.device,
     backbone: Callable[[], nn.Module] = vgg11_bn,
+    compiled: bool = False,
 ) -> float:
     """(a) The baseline: data on the device, the same augmentation, model, optimizer and schedule."""
     model = backbone().to(device)
+    model = torch.compile(model) if compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.warmup + args.steps)
     images, labels = images.to(device), labels.to(device)
@@ -141,11 +143,15 @@ def trainer(args: argparse.Namespace, callbacks: list, max_steps: int) -> Traine
     )
 
 
-def qlight_fit(args: argparse.Namespace, extra: list, backbone: Callable[[], nn.Module] = vgg11_bn) -> float:
+def qlight_fit(
+    args: argparse.Namespace, extra: list, backbone: Callable[[], nn.Module] = vgg11_bn, compiled: bool = False
+) -> float:
     """(b)/(c) Trainer + ImageClassifier + CIFAR100DataModule's on-device path, optionally with QAT."""
     timer = StepTimer(args.warmup, args.batch_size)
     model = ImageClassifier(backbone(), lr=args.lr)
-    trainer(args, [timer, *extra], args.warmup + args.steps).fit(model, datamodule(args))
+    trainer(args, [timer, *extra], args.warmup + args.steps).fit(
+        torch.compile(model) if compiled else model, datamodule(args)
+    )
     return timer.images_per_s
 
 
@@ -163,16 +169,13 @@ def host_step_runs(
     def ms(images_per_s: float) -> float:
         return 1e3 * host.batch_size / images_per_s
 
-    def qat(torchao: bool, **kwargs: Any) -> float:
+    def qat(torchao: bool, compiled: bool = False, **kwargs: Any) -> float:
         quantizer = TorchaoFakeQuantizer if torchao else fake_quant.fake_quantizer
+        callback = QuantizationAwareTraining(weight_bits=4, eval_every_epoch=False, **kwargs)
         with mock.patch.object(fake_quant, "fake_quantizer", quantizer):
-            return ms(
-                qlight_fit(
-                    host, [QuantizationAwareTraining(weight_bits=4, eval_every_epoch=False, **kwargs)], narrow_vgg11
-                )
-            )
+            return ms(qlight_fit(host, [callback], narrow_vgg11, compiled))
 
-    return {
+    runs = {
         "plain loop": lambda: ms(plain_loop(images, labels, host, cpu, narrow_vgg11)),
         "qlight fit": lambda: ms(qlight_fit(host, [], narrow_vgg11)),
         "+ QAT int4 weights (fused)": lambda: qat(False),
@@ -180,6 +183,13 @@ def host_step_runs(
         "+ QAT int4 w + int8 act (fused)": lambda: qat(False, activation_bits=8),
         "+ QAT int4 w + int8 act (torchao)": lambda: qat(True, activation_bits=8),
     }
+    if args.host_compiled:  # the first step of each compiles, inside the warm-up
+        runs |= {
+            "compiled: plain loop": lambda: ms(plain_loop(images, labels, host, cpu, narrow_vgg11, compiled=True)),
+            "compiled: qlight fit": lambda: ms(qlight_fit(host, [], narrow_vgg11, compiled=True)),
+            "compiled: + QAT int4 w + int8 act": lambda: qat(False, compiled=True, activation_bits=8),
+        }
+    return runs
 
 
 def cpu_settings(args: argparse.Namespace) -> argparse.Namespace:
@@ -335,6 +345,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="interleaved repetitions; the best of each is kept")
     parser.add_argument("--host-steps", type=_at_least_one, default=200, help="measured steps per configuration of (h)")
     parser.add_argument("--host-repeats", type=_at_least_one, default=7, help="interleaved repetitions of (h); medians")
+    parser.add_argument(
+        "--host-compiled", action="store_true", help="(h) also under torch.compile (about 1 min of compiling)"
+    )
     parser.add_argument("--images", type=int, help="synthetic training images")
     parser.add_argument("--test-images", type=int, help="synthetic test images for PTQ")
     parser.add_argument(
@@ -437,6 +450,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fit_host_vs_plain": host_ratio("qlight fit", "plain loop"),
         "qat_host_vs_fit": host_ratio("+ QAT int4 weights (fused)", "qlight fit"),
         "qat_act_host_vs_fit": host_ratio("+ QAT int4 w + int8 act (fused)", "qlight fit"),
+        "qat_act_host_vs_fit_compiled": (
+            host_ratio("compiled: + QAT int4 w + int8 act", "compiled: qlight fit") if args.host_compiled else None
+        ),
         "ptq_seconds": seconds,
         "ptq_sweep_seconds": sum(seconds.values()),
         "host_ms_per_step": host_ms,

@@ -57,6 +57,7 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     assert len(summary["fake_quant_host_ms"]) == 4 and len(summary["host_ms_per_step"]) == 6
     assert all(v > 0 for v in summary["host_ms_per_step"].values())
     assert all(summary[key] > 0 for key in ("fit_host_vs_plain", "qat_host_vs_fit", "qat_act_host_vs_fit"))
+    assert summary["qat_act_host_vs_fit_compiled"] is None  # --host-compiled is off: nothing compiles here
     assert summary["int8_vs_fp32"] is None
     assert set(summary["w8a8_cpu_train_images_per_s"]) == {"float", "W8A8 QAT"}
     assert set(summary["w8a8_cpu_inference_images_per_s"]) == {"W8A8 QAT (converted)", "PTQ int8_static"}
