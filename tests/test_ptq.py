@@ -154,6 +154,27 @@ def test_ptq_on_real_digits_in_a_foreign_module(tmp_path, digits_checkpoint):
         assert row["device"] == f"cpu ({torch.get_num_threads()} threads)"
 
 
+def _compiled(model, how):
+    if how == "lightning":  # Lightning rewraps forward and the step methods
+        return torch.compile(model, backend="aot_eager")
+    model.compile(backend="aot_eager")  # in place: __call__ runs compiled
+    return model
+
+
+@pytest.mark.parametrize("how", ["lightning", "in_place"])
+def test_ptq_of_a_compiled_module_evaluates_the_quantized_copies(tmp_path, digits_checkpoint, how):
+    accuracies = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        ptq = PostTrainingQuantization(recipes=["fp32", "int2"], output_dir=str(tmp_path / str(compiled)))
+        model = DigitsNet.load_from_checkpoint(digits_checkpoint)
+        trainer(tmp_path, [ptq]).test(_compiled(model, how) if compiled else model)
+        accuracies.append({row["recipe"]: row["acc1"] for row in ptq.results})
+    torch._dynamo.reset()
+    # A copy that kept the original's compiled wrappers ran the float model: int2 reported fp32's accuracy.
+    assert accuracies[1] == accuracies[0] and accuracies[0]["int2"] < accuracies[0]["fp32"] - 0.02, accuracies
+
+
 def test_one_failing_recipe_keeps_the_others(tmp_path, digits_checkpoint, monkeypatch):
     def broken(self, model, targets, calibration=()):
         raise RuntimeError("kernel missing")

@@ -6,6 +6,7 @@ from digits import DigitsNet, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 from torchao.quantization.qat import FakeQuantizedLinear
 
 from qlight import PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
@@ -167,6 +168,25 @@ def test_a_compiled_qat_model_traces_as_one_graph_and_trains_as_eager(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(batches[0][0]), eager.eval()(batches[0][0]))
     torch._dynamo.reset()
+
+
+def test_qat_callback_trains_a_compiled_lightning_module_as_an_eager_one(tmp_path):
+    tables = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = DigitsNet()
+        qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, output_dir=str(tmp_path / str(compiled)))
+        fit = trainer(tmp_path, [qat], max_epochs=1, limit_train_batches=8, limit_val_batches=2)
+        batches = DataLoader(model.train_data, batch_size=64)  # no shuffling: compiling draws random numbers
+        fit.fit(torch.compile(model, backend="aot_eager") if compiled else model, train_dataloaders=batches)
+        tables.append([(row["split"], row["fake_quant"], row["acc1"]) for row in qat.results])
+    torch._dynamo.reset()
+    # The converted copy once ran the original model in training mode: another accuracy, and the
+    # test images leaked into its BatchNorm statistics.
+    assert [row[:2] for row in tables[1]] == [row[:2] for row in tables[0]] and tables[0][-1][1] == "converted"
+    assert all(abs(a[2] - b[2]) <= 0.01 for a, b in zip(*tables, strict=True)), tables
+    assert tables[0][-1][2] > 0.5, tables
 
 
 def test_forward_kwargs_pass_through(tmp_path):

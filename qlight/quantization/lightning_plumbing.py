@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.compile import to_uncompiled
 from torch import Tensor, nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
@@ -24,8 +25,17 @@ from qlight.files import load_torch_file
 
 
 def eval_copy(pl_module: LightningModule) -> LightningModule:
-    """A deep copy in eval mode; ``LightningModule.__getstate__`` drops the trainer, so it stays behind."""
-    return copy.deepcopy(pl_module).eval()
+    """An uncompiled deep copy in eval mode; ``LightningModule.__getstate__`` drops the trainer, so it
+    stays behind."""
+    model = copy.deepcopy(pl_module)
+    # A compiled module's wrappers survive the copy still bound to the original, so the copy would
+    # run (and report) the original model: Lightning's from_compiled (``trainer.fit(torch.compile(m))``)
+    # wraps forward and the step methods, ``nn.Module.compile()`` wraps ``__call__``.
+    if model._compiler_ctx is not None:
+        to_uncompiled(model)
+    for module in model.modules():
+        module._compiled_call_impl = None
+    return model.eval()
 
 
 def load_checkpoint_weights(pl_module: LightningModule, path: str | Path, what: str = "checkpoint") -> None:
