@@ -283,6 +283,10 @@ def test_bad_input_is_one_line(tmp_path):
     for settings, message in refusals:
         with pytest.raises(QlightError, match=message):
             trainer(tmp_path, max_epochs=1, **settings).fit(classifier(), DigitsData())
+    for compiled in (lambda m: torch.compile(m, backend="aot_eager"), lambda m: m.compile(backend="aot_eager") or m):
+        with pytest.raises(QlightError, match="pass the LightningModule uncompiled"):
+            fit = trainer(tmp_path, [StaticQuantizationAwareTraining()], max_epochs=1)
+            fit.fit(compiled(classifier()), DigitsData())
 
 
 def test_w8a8_smoke_through_the_cli_writes_the_int8_graph_and_the_table(tmp_path):

@@ -38,6 +38,12 @@ def eval_copy(pl_module: LightningModule) -> LightningModule:
     return model.eval()
 
 
+def is_compiled(pl_module: LightningModule) -> bool:
+    """Whether ``pl_module`` runs under ``torch.compile``: Lightning's ``from_compiled`` (what
+    ``trainer.fit(torch.compile(m))`` does) or ``pl_module.compile()``."""
+    return pl_module._compiler_ctx is not None or pl_module._compiled_call_impl is not None
+
+
 def load_checkpoint_weights(pl_module: LightningModule, path: str | Path, what: str = "checkpoint") -> None:
     """Load the ``state_dict`` of a Lightning checkpoint into ``pl_module`` (``weights_only``: the file
     cannot run code); one-line errors for a missing, corrupt or foreign file and another architecture."""

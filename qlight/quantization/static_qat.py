@@ -20,6 +20,7 @@ from qlight.quantization import pt2e_qat
 from qlight.quantization.lightning_plumbing import (
     eval_copy,
     example_input,
+    is_compiled,
     load_checkpoint_weights,
     log_to_loggers,
     non_finite_tensors,
@@ -178,6 +179,11 @@ class StaticQuantizationAwareTraining(QATResults):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._check_trainer(trainer)
+        if is_compiled(pl_module):
+            raise QlightError(
+                "StaticQuantizationAwareTraining runs PT2E's prepared graph, which torch.compile cannot trace "
+                "(its observers resize their buffers): pass the LightningModule uncompiled"
+            )
         network = self._network(pl_module)
         if not pt2e_qat.is_prepared(network):
             if stage == "fit" and self.baseline_ckpt:
