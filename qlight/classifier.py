@@ -31,6 +31,8 @@ class ImageClassifier(LightningModule):
         schedule: ``cosine`` (linear warm-up, then cosine to zero), ``onecycle`` or ``constant``.
         warmup_epochs: linear warm-up length for ``cosine``.
         channels_last: run convolutions in the channels-last memory format.
+        compile: run the backbone under ``torch.compile`` (Inductor; it compiles on the first batches).
+            The callbacks quantize and evaluate uncompiled copies.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class ImageClassifier(LightningModule):
         schedule: Literal["cosine", "onecycle", "constant"] = "cosine",
         warmup_epochs: float = 0.0,
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -56,6 +59,8 @@ class ImageClassifier(LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.compile()  # in place: the state-dict keys stay those of the backbone
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.test_acc1 = self.val_acc1.clone()

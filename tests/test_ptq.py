@@ -4,7 +4,7 @@ import zipfile
 
 import pytest
 import torch
-from digits import DigitsNet, trainer
+from digits import DigitsData, DigitsNet, trainer
 from torch import nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
@@ -157,19 +157,27 @@ def test_ptq_on_real_digits_in_a_foreign_module(tmp_path, digits_checkpoint):
 def _compiled(model, how):
     if how == "lightning":  # Lightning rewraps forward and the step methods
         return torch.compile(model, backend="aot_eager")
-    model.compile(backend="aot_eager")  # in place: __call__ runs compiled
-    return model
+    if how == "in_place":  # __call__ runs compiled
+        model.compile(backend="aot_eager")
+        return model
+    return ImageClassifier(model.net, num_classes=10, compile=True)  # the backbone, by Inductor
 
 
-@pytest.mark.parametrize("how", ["lightning", "in_place"])
+@pytest.mark.parametrize("how", ["lightning", "in_place", "classifier"])
 def test_ptq_of_a_compiled_module_evaluates_the_quantized_copies(tmp_path, digits_checkpoint, how):
     accuracies = []
     for compiled in (False, True):
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         ptq = PostTrainingQuantization(recipes=["fp32", "int2"], output_dir=str(tmp_path / str(compiled)))
         model = DigitsNet.load_from_checkpoint(digits_checkpoint)
-        trainer(tmp_path, [ptq]).test(_compiled(model, how) if compiled else model)
+        if compiled:
+            model = _compiled(model, how)
+        elif how == "classifier":
+            model = ImageClassifier(model.net, num_classes=10)
+        trainer(tmp_path, [ptq]).test(model, datamodule=DigitsData() if how == "classifier" else None)
         accuracies.append({row["recipe"]: row["acc1"] for row in ptq.results})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the module did run compiled
     torch._dynamo.reset()
     # A copy that kept the original's compiled wrappers ran the float model: int2 reported fp32's accuracy.
     assert accuracies[1] == accuracies[0] and accuracies[0]["int2"] < accuracies[0]["fp32"] - 0.02, accuracies
