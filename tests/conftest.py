@@ -40,6 +40,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """No compiled code or Dynamo counters from other tests in this one, and none left behind."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
 def _trained_digits(tmp_path_factory, width: int, pooled: bool = False) -> Path:
     from digits import DigitsNet, PooledDigitsNet, trainer
 

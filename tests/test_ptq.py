@@ -164,11 +164,9 @@ def _compiled(model, how):
 
 
 @pytest.mark.parametrize("how", ["lightning", "in_place", "classifier"])
-def test_ptq_of_a_compiled_module_evaluates_the_quantized_copies(tmp_path, digits_checkpoint, how):
+def test_ptq_of_a_compiled_module_evaluates_the_quantized_copies(tmp_path, digits_checkpoint, how, fresh_dynamo):
     accuracies = []
     for compiled in (False, True):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
         ptq = PostTrainingQuantization(recipes=["fp32", "int2"], output_dir=str(tmp_path / str(compiled)))
         model = DigitsNet.load_from_checkpoint(digits_checkpoint)
         if compiled:
@@ -178,7 +176,6 @@ def test_ptq_of_a_compiled_module_evaluates_the_quantized_copies(tmp_path, digit
         trainer(tmp_path, [ptq]).test(model, datamodule=DigitsData() if how == "classifier" else None)
         accuracies.append({row["recipe"]: row["acc1"] for row in ptq.results})
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the module did run compiled
-    torch._dynamo.reset()
     # A copy that kept the original's compiled wrappers ran the float model: int2 reported fp32's accuracy.
     assert accuracies[1] == accuracies[0] and accuracies[0]["int2"] < accuracies[0]["fp32"] - 0.02, accuracies
 

@@ -156,10 +156,9 @@ def test_weight_group_steps_aside_for_other_tensors_and_dtypes(tmp_path):
         assert torch.equal(model(x), half(x))
 
 
-def test_a_compiled_qat_model_traces_as_one_graph_and_trains_as_eager(tmp_path):
+def test_a_compiled_qat_model_traces_as_one_graph_and_trains_as_eager(tmp_path, fresh_dynamo):
     model, _ = prepared(tmp_path, bits=4, activation_bits=8)
     eager = copy.deepcopy(model)
-    torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
     torch.manual_seed(0)
     batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
@@ -167,13 +166,11 @@ def test_a_compiled_qat_model_traces_as_one_graph_and_trains_as_eager(tmp_path):
         torch.testing.assert_close(a, b)
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(batches[0][0]), eager.eval()(batches[0][0]))
-    torch._dynamo.reset()
 
 
-def test_qat_callback_trains_a_compiled_lightning_module_as_an_eager_one(tmp_path):
+def test_qat_callback_trains_a_compiled_lightning_module_as_an_eager_one(tmp_path, fresh_dynamo):
     tables = []
     for compiled in (False, True):
-        torch._dynamo.reset()
         torch.manual_seed(0)
         model = DigitsNet()
         qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, output_dir=str(tmp_path / str(compiled)))
@@ -181,7 +178,6 @@ def test_qat_callback_trains_a_compiled_lightning_module_as_an_eager_one(tmp_pat
         batches = DataLoader(model.train_data, batch_size=64)  # no shuffling: compiling draws random numbers
         fit.fit(torch.compile(model, backend="aot_eager") if compiled else model, train_dataloaders=batches)
         tables.append([(row["split"], row["fake_quant"], row["acc1"]) for row in qat.results])
-    torch._dynamo.reset()
     # The converted copy once ran the original model in training mode: another accuracy, and the
     # test images leaked into its BatchNorm statistics.
     assert [row[:2] for row in tables[1]] == [row[:2] for row in tables[0]] and tables[0][-1][1] == "converted"

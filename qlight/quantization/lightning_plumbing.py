@@ -30,7 +30,8 @@ def eval_copy(pl_module: LightningModule) -> LightningModule:
     model = copy.deepcopy(pl_module)
     # A compiled module's wrappers survive the copy still bound to the original, so the copy would
     # run (and report) the original model: Lightning's from_compiled (``trainer.fit(torch.compile(m))``)
-    # wraps forward and the step methods, ``nn.Module.compile()`` wraps ``__call__``.
+    # wraps forward and the step methods; ``nn.Module.compile()`` wraps ``__call__``, which nn.Module's
+    # own copy drops but LightningModule's ``__getstate__`` keeps (on any LightningModule inside too).
     if model._compiler_ctx is not None:
         to_uncompiled(model)
     for module in model.modules():
