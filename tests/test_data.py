@@ -1,8 +1,14 @@
 import urllib.error
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
 
+from qlight import ImageClassifier
 from qlight.data import (
     CIFAR100DataModule,
     ensure_cifar100,
@@ -12,6 +18,7 @@ from qlight.data import (
     synthetic_images,
 )
 from qlight.data import cifar100 as cifar_module
+from qlight.data.device_batches import EpochShard, to_device
 from qlight.errors import QlightError
 
 
@@ -93,3 +100,99 @@ def test_synthetic_classes_share_structure():
     within = (images[labels == 0].float() - means[0]).pow(2).mean()
     between = (means[0] - means[1]).pow(2).mean()
     assert between > 0.5 * within  # class means differ by much more than noise averaged over ~100 images
+
+
+def test_epoch_order_is_a_seeded_permutation_per_epoch():
+    def epoch(seed, number):
+        shard = EpochShard(100, seed, torch.device("cpu"))
+        shard.set_epoch(number)
+        return shard.indices()
+
+    assert sorted(epoch(0, 0).tolist()) == list(range(100))
+    assert torch.equal(epoch(0, 3), epoch(0, 3))
+    assert not torch.equal(epoch(0, 0), epoch(0, 1)) and not torch.equal(epoch(0, 0), epoch(1, 0))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_draw_disjoint_shards_of_equal_size(world_size):
+    shards = [EpochShard(100, 0, torch.device("cpu"), rank, world_size).indices() for rank in range(world_size)]
+    drawn = torch.cat(shards)
+    assert {len(s) for s in shards} == {100 // world_size}
+    assert len(set(drawn.tolist())) == len(drawn)  # disjoint
+    # The shards are the rank-strided slices of the one permutation every rank draws.
+    order = EpochShard(100, 0, torch.device("cpu")).indices()
+    assert all(torch.equal(s, order[r : len(s) * world_size : world_size]) for r, s in enumerate(shards))
+
+
+def test_training_batches_are_gathered_from_the_data_on_the_trainers_device():
+    dm = CIFAR100DataModule(batch_size=16, val_size=16, synthetic=True, synthetic_train_size=116)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(loader) == len(batches) == 50 // 16  # rank 1's 50 of 100 images, whole batches only
+    images, labels = dm.train_set.tensors
+    for x, y in batches:  # each batch is the images of its labels' indices, in the epoch's shard
+        assert x.dtype == torch.uint8 and x.shape == (16, 3, 32, 32) and y.shape == (16,)
+    shard = loader.sampler.indices()
+    assert torch.equal(batches[1][0], images[shard[16:32]]) and torch.equal(batches[1][1], labels[shard[16:32]])
+    # Evaluation batches are views of the placed test tensors: nothing copied per batch.
+    test_images = dm._on(dm.test_set, "test")[0]
+    first = next(iter(dm.test_dataloader()))[0]
+    assert first.untyped_storage().data_ptr() == test_images.untyped_storage().data_ptr()
+
+
+def test_cpu_workers_path_when_not_augmenting_on_the_device():
+    dm = CIFAR100DataModule(
+        batch_size=8, val_size=8, synthetic=True, synthetic_train_size=40, augment_on_device=False, num_workers=0
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    images, labels = next(iter(loader))
+    assert isinstance(loader, DataLoader) and images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
+
+
+def test_data_that_does_not_fit_on_the_device_says_how_to_go_on(monkeypatch):
+    def out_of_memory(tensor, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 150.00 MiB")
+
+    monkeypatch.setattr(torch.Tensor, "to", out_of_memory)
+    with pytest.raises(QlightError) as info:
+        to_device((torch.zeros(10, dtype=torch.uint8),), torch.device("cpu"), "the training images")
+    assert "--data.augment_on_device false" in str(info.value) and "\n" not in str(info.value)
+
+
+class RecordLabels(Callback):
+    def __init__(self) -> None:
+        self.labels: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.labels.append(batch[1].tolist())
+
+
+def _fit(root, ckpt_path=None, callbacks=()):
+    record = RecordLabels()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record, *callbacks],
+        default_root_dir=root,
+    )
+    data = CIFAR100DataModule(batch_size=16, val_size=16, synthetic=True, synthetic_train_size=144)
+    model = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 100)), lr=0.01)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return record.labels
+
+
+def test_a_run_resumed_mid_epoch_or_at_its_end_continues_the_same_order(tmp_path):
+    every_4 = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    full = _fit(tmp_path / "a", callbacks=[every_4])  # 8 batches per epoch, 24 steps
+    assert len(full) == 24 and full[:8] != full[8:16]
+    for step in (4, 12, 8):  # mid-epoch 0, mid-epoch 1, the end of epoch 0
+        resumed = _fit(tmp_path / f"b{step}", ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt")
+        assert resumed == full[step:], step
