@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from digits import DigitsData, DigitsNet, trainer
+from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -311,3 +312,28 @@ def test_w8a8_smoke_through_the_cli_writes_the_int8_graph_and_the_table(tmp_path
     graph = load_quantized(qat_dir / "model.pt2")
     assert graph(torch.randn(3, 3, 32, 32)).shape == (3, 100)
     assert not [node for node in graph.graph.nodes if "batch_norm" in str(node.target)]
+
+
+class AcceleratorDuringSetup(Callback):
+    """What Lightning does on a GPU: in the setup hooks ``LightningModule.device`` already names the
+    accelerator while the weights are still on the CPU. Here the accelerator is the meta device."""
+
+    def setup(self, trainer, pl_module, stage):
+        for module in pl_module.modules():
+            if isinstance(module, _DeviceDtypeModuleMixin):
+                module._device = torch.device("meta")
+
+
+def test_the_network_is_prepared_with_an_example_on_its_own_device(tmp_path, monkeypatch):
+    seen = []
+    prepare = pt2e_qat.prepare
+
+    def recording(net, example, quantizer):
+        seen.append({p.device for p in net.parameters()} | {example.device})
+        return prepare(net, example, quantizer)
+
+    monkeypatch.setattr(pt2e_qat, "prepare", recording)
+    qat = StaticQuantizationAwareTraining(eval_every_epoch=False, output_dir=str(tmp_path / "qat"))
+    model = classifier()
+    trainer(tmp_path, [AcceleratorDuringSetup(), qat], max_steps=2, limit_val_batches=0).fit(model, DigitsData())
+    assert seen == [{torch.device("cpu")}] and pt2e_qat.is_prepared(model.model)

@@ -85,14 +85,21 @@ def dataloader(trainer: Trainer, pl_module: LightningModule, split: Literal["tra
 
 
 def transferred_batches(
-    trainer: Trainer, pl_module: LightningModule, loader: Iterable, limit: int | None = None, shard: bool = False
+    trainer: Trainer,
+    pl_module: LightningModule,
+    loader: Iterable,
+    limit: int | None = None,
+    shard: bool = False,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(inputs, targets)`` from ``loader`` after the module's and DataModule's batch-transfer
-    hooks, as the test loop would see them (no training augmentation).
+    hooks, as the test loop would see them (no training augmentation), on ``device`` (default: the
+    module's).
 
     With ``shard``, rank r of a distributed run takes batches r, r + world, ... so that the ranks
     together see each batch exactly once.
     """
+    device = pl_module.device if device is None else device
     stage = trainer.state.stage
     trainer.state.stage = RunningStage.TESTING  # the hooks key augmentation on the running stage
     try:
@@ -101,15 +108,27 @@ def transferred_batches(
                 break
             if shard and index % trainer.world_size != trainer.global_rank:
                 continue
-            inputs, targets = pl_module._apply_batch_transfer_handler(batch, pl_module.device)[:2]
+            inputs, targets = pl_module._apply_batch_transfer_handler(batch, device)[:2]
             yield inputs, targets
     finally:
         trainer.state.stage = stage
 
 
-def example_input(trainer: Trainer, pl_module: LightningModule, split: Literal["train", "test"] = "test") -> Tensor:
-    """The inputs of the first batch of ``split``, transferred, on the module's device."""
-    return next(iter(transferred_batches(trainer, pl_module, dataloader(trainer, pl_module, split), 1)))[0]
+def example_input(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    split: Literal["train", "test"] = "test",
+    device: torch.device | None = None,
+) -> Tensor:
+    """The inputs of the first batch of ``split``, transferred, on ``device`` (default: the module's)."""
+    loader = dataloader(trainer, pl_module, split)
+    return next(iter(transferred_batches(trainer, pl_module, loader, 1, device=device)))[0]
+
+
+def parameter_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s weights are. In the ``setup`` hooks ``LightningModule.device`` already names
+    the accelerator while the weights are still on the CPU (Lightning moves them after setup)."""
+    return next(module.parameters(), torch.empty(0)).device
 
 
 @dataclass

@@ -24,6 +24,7 @@ from qlight.quantization.lightning_plumbing import (
     load_checkpoint_weights,
     log_to_loggers,
     non_finite_tensors,
+    parameter_device,
 )
 from qlight.quantization.qat import QuantizationAwareTraining
 from qlight.quantization.qat_results import QATResults, check_eval_split
@@ -192,7 +193,10 @@ class StaticQuantizationAwareTraining(QATResults):
             bad = non_finite_tensors(pl_module)
             if bad:
                 raise QlightError(f"Static QAT: {type(pl_module).__name__} holds NaN or Inf in {', '.join(bad[:3])}")
-            example = example_input(trainer, pl_module, "train" if stage == "fit" else "test")
+            # Exported and prepared where the weights are now; Lightning moves the graph with the module.
+            example = example_input(
+                trainer, pl_module, "train" if stage == "fit" else "test", device=parameter_device(network)
+            )
             setattr(pl_module, self.network, self._prepare(network, example))
         hook = pl_module.register_load_state_dict_pre_hook(functools.partial(_check_observers, f"{self.network}."))
         self._writing.callback(hook.remove)
