@@ -1,6 +1,8 @@
 """Training steps must not read device values back to the host: on a GPU each read waits for all
 queued work, so the Python side can no longer run ahead and the step time becomes host + device.
-Checked on the CPU by counting the Tensor methods that would synchronize on a GPU."""
+Checked on the CPU by refusing the Tensor methods that would synchronize on a GPU; copies from host
+memory and kernels that wait on their own (nonzero, masked indexing) show only on a GPU, in
+``benchmarks/bench.py``'s sync count."""
 
 import csv
 
@@ -10,27 +12,27 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
-from qlight import CIFAR100DataModule, ImageClassifier, QuantizationAwareTraining
+from qlight import CIFAR100DataModule, ImageClassifier, QuantizationAwareTraining, StaticQuantizationAwareTraining
 from qlight.cli import _default_callbacks
 
 READS = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"]
 
 
-class CountReads(Callback):
-    """Counts reads of tensor values between the start of step ``first`` and the end of step ``last``."""
+class RefuseReads(Callback):
+    """Makes every read of a tensor value raise between the start of step ``first`` and the end of
+    step ``last``, so the failure's traceback names the line that read."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, first: int, last: int) -> None:
         self.first, self.last, self.active = first, last, False
-        self.reads: list[str] = []
         for name in READS:
             original = getattr(torch.Tensor, name)
 
-            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+            def refused(tensor, *args, _name=name, _original=original, **kwargs):
                 if self.active:
-                    self.reads.append(_name)
+                    raise AssertionError(f"Tensor.{_name} in a steady-state training step: a host sync on a GPU")
                 return _original(tensor, *args, **kwargs)
 
-            monkeypatch.setattr(torch.Tensor, name, counted)
+            monkeypatch.setattr(torch.Tensor, name, refused)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.active = self.active or trainer.global_step == self.first
@@ -50,10 +52,24 @@ def tiny_backbone() -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("qat", [None, dict(weight_bits=4), dict(weight_bits=4, activation_bits=8)])
+QAT = {
+    "fit": None,
+    "qat int4 weights": dict(weight_bits=4),
+    "qat int4 weights + int8 activations": dict(weight_bits=4, activation_bits=8),
+    "qat learned scales": dict(weight_bits=4, learned_scales=True),
+    "qat mixed plan": dict(weight_bits={"model.0": 3, "model.5": 8}),
+    "w8a8 qat": "static",
+}
+
+
+@pytest.mark.parametrize("qat", QAT.values(), ids=QAT.keys())
 def test_training_steps_read_nothing_back_between_log_intervals(tmp_path, monkeypatch, qat):
-    counter = CountReads(monkeypatch, first=3, last=12)
-    extra = [QuantizationAwareTraining(**qat, eval_every_epoch=False, output_dir=str(tmp_path / "qat"))] if qat else []
+    refuse = RefuseReads(monkeypatch, first=3, last=12)
+    out = str(tmp_path / "qat")
+    if qat == "static":
+        extra = [StaticQuantizationAwareTraining(eval_every_epoch=False, output_dir=out)]
+    else:
+        extra = [QuantizationAwareTraining(**qat, eval_every_epoch=False, output_dir=out)] if qat else []
     trainer = Trainer(
         accelerator="cpu",
         max_steps=14,
@@ -61,20 +77,14 @@ def test_training_steps_read_nothing_back_between_log_intervals(tmp_path, monkey
         num_sanity_val_steps=0,
         log_every_n_steps=50,
         logger=TensorBoardLogger(tmp_path),
-        callbacks=[*_default_callbacks(), *extra, counter],
+        callbacks=[*_default_callbacks(), *extra, refuse],
         default_root_dir=tmp_path,
     )
     data = CIFAR100DataModule(
-        batch_size=4,
-        val_size=16,
-        synthetic=True,
-        synthetic_train_size=128,
-        synthetic_test_size=16,
-        augment_on_device=True,
+        batch_size=4, val_size=16, synthetic=True, synthetic_train_size=128, synthetic_test_size=16
     )
     trainer.fit(ImageClassifier(tiny_backbone()), data)
-    assert trainer.global_step == 14 and not counter.active
-    assert counter.reads == []
+    assert trainer.global_step == 14 and not refuse.active
 
 
 def test_train_loss_is_logged_only_on_the_steps_the_loggers_write(tmp_path, monkeypatch):
