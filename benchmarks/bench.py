@@ -3,24 +3,30 @@
     python benchmarks/bench.py            # full sizes (meant for a GPU)
     python benchmarks/bench.py --quick    # small sizes on whatever device is present (CPU: ~5 min)
 
-Prints a table, then one JSON line with ``fit_vs_plain`` (qlight fit images/s over the plain
-loop's), ``qat_vs_plain`` (QAT int4 step time over the plain loop's), ``int8_vs_fp32`` (the faster
-CPU int8 path's images/s over fp32's, batch 64), ``fit_host_vs_plain``, ``qat_host_vs_fit`` and
-``qat_act_host_vs_fit`` (host ms per step, (h): qlight fit over the plain loop, QAT int4 weights and
-QAT int4 weights + int8 activations over qlight fit), ``w8a8_step_vs_float`` (W8A8 QAT step time
-over a float step, on the CPU), ``w8a8_int8_vs_ptq`` (images/s of the converted W8A8 QAT graph over
-PTQ int8_static's, on the CPU) and the rest of the numbers.
+Prints each table as soon as it is measured, then one JSON line with ``fit_vs_plain`` (qlight fit
+images/s over the plain loop's), ``qat_vs_plain`` and ``qat_act_vs_plain`` (QAT int4 weights, and
+with int8 activations: step time over the plain loop's), ``qat_vs_fit`` and ``qat_act_vs_fit`` (the
+same over a qlight fit step), ``w8a8_step_vs_float`` (W8A8 QAT step time over a float step, both in
+fp32, on the training device), ``syncs_per_step`` (on a GPU: synchronizing CUDA calls per
+steady-state step, and where they are made), ``int8_vs_fp32`` (the faster CPU int8 path's images/s
+over fp32's, batch 64), ``fit_host_vs_plain``, ``qat_host_vs_fit`` and ``qat_act_host_vs_fit`` (host
+ms per step, (h): qlight fit over the plain loop, QAT over qlight fit), ``w8a8_int8_vs_ptq``
+(images/s of the converted W8A8 QAT graph over PTQ int8_static's, on the CPU) and the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,16 +119,16 @@ class StepTimer(Callback):
         self.images_per_s = (trainer.global_step - self.warmup) * self.batch_size / (time.perf_counter() - self.start)
 
 
-def datamodule(args: argparse.Namespace) -> CIFAR100DataModule:
+@functools.cache
+def _datamodule(batch_size: int, images: int, test_images: int) -> CIFAR100DataModule:
+    # One per size: every run then reuses the generated images and their copy on the device.
     return CIFAR100DataModule(
-        batch_size=args.batch_size,
-        val_size=0,
-        synthetic=True,
-        synthetic_train_size=args.images,
-        synthetic_test_size=args.test_images,
-        num_workers=0,
-        augment_on_device=True,
+        batch_size=batch_size, val_size=0, synthetic=True, synthetic_train_size=images, synthetic_test_size=test_images
     )
+
+
+def datamodule(args: argparse.Namespace) -> CIFAR100DataModule:
+    return _datamodule(args.batch_size, args.images, args.test_images)
 
 
 def trainer(args: argparse.Namespace, callbacks: list, max_steps: int) -> Trainer:
@@ -200,15 +206,76 @@ def cpu_settings(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "accelerator": "cpu", "precision": "32-true", **smaller})
 
 
+def w8a8_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """(i)'s settings: fp32 (the only dtype of torchao's fused fake-quant) on the training device; on
+    the CPU also (j)'s sizes."""
+    if args.accelerator == "cpu":
+        return cpu_settings(args)
+    return argparse.Namespace(**{**vars(args), "precision": "32-true"})
+
+
 def w8a8_training_runs(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
-    """(i) Images/s of qlight's fit path on the CPU, float and with W8A8 QAT
+    """(i) Images/s of qlight's fit path in fp32, float and with W8A8 QAT
     (``StaticQuantizationAwareTraining``), whose converted graph goes to ``<workdir>/qat_w8a8``."""
-    cpu = cpu_settings(args)
+    settings = w8a8_settings(args)
     out = str(Path(args.workdir) / "qat_w8a8")
     return {
-        "float": lambda: qlight_fit(cpu, []),
-        "W8A8 QAT": lambda: qlight_fit(cpu, [StaticQuantizationAwareTraining(eval_every_epoch=False, output_dir=out)]),
+        "float": lambda: qlight_fit(settings, []),
+        "W8A8 QAT": lambda: qlight_fit(
+            settings, [StaticQuantizationAwareTraining(eval_every_epoch=False, output_dir=out)]
+        ),
     }
+
+
+class SyncCounter(Callback):
+    """(s) The synchronizing CUDA calls of training steps ``first`` to ``last`` (torch's sync debug
+    mode), by the line of Python that made each."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last, self.steps = first, last, last - first
+        self.sites: Counter[str] = Counter()
+        self._caught: warnings.catch_warnings | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.first:
+            self._caught = warnings.catch_warnings(record=True)
+            self._records = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.last and self._caught is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._caught.__exit__(None, None, None)
+            self._caught = None
+            records = [r for r in self._records if "synchroniz" in str(r.message)]
+            self.sites.update(f"{Path(r.filename).name}:{r.lineno}" for r in records)
+
+
+def sync_counts(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """(s) Host syncs per steady-state step (steps 10 to 20) of fit, QAT and W8A8 QAT on the GPU."""
+    out = Path(args.workdir) / "syncs"
+    qat = str(out / "qat")
+    configs: dict[str, tuple[argparse.Namespace, Callable[[], list]]] = {
+        "qlight fit": (args, list),
+        "+ QAT int4 weights": (args, lambda: [QuantizationAwareTraining(4, eval_every_epoch=False, output_dir=qat)]),
+        "+ QAT int4 w + int8 act": (
+            args,
+            lambda: [QuantizationAwareTraining(4, activation_bits=8, eval_every_epoch=False, output_dir=qat)],
+        ),
+        "W8A8 QAT (fp32)": (
+            w8a8_settings(args),
+            lambda: [StaticQuantizationAwareTraining(eval_every_epoch=False, output_dir=str(out / "w8a8"))],
+        ),
+    }
+    result = {}
+    for name, (settings, extra) in configs.items():
+        counter = SyncCounter(10, 20)
+        model = ImageClassifier(lr=settings.lr)
+        trainer(settings, [counter, *extra()], 20).fit(model, datamodule(settings))
+        total = sum(counter.sites.values())
+        result[name] = {"per_step": total / counter.steps, "sites": dict(counter.sites.most_common(5))}
+    return result
 
 
 def w8a8_inference(args: argparse.Namespace) -> dict[str, float]:
@@ -355,6 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--inference", nargs="+", default=["fp32", "fp16", "bf16", "int8"])
     parser.add_argument("--skip-cpu-int8", action="store_true", help="skip (k), which compiles VGG-11 (about 1 min)")
+    parser.add_argument("--skip-host", action="store_true", help="skip (h), the CPU proxy of host time per step")
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate of the timed training runs")
     parser.add_argument("--workdir", help="where the callbacks may write (default: a new temporary folder)")
     args = parser.parse_args(argv)
@@ -371,17 +439,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _print_section(title: str, values: dict[str, float], spec: str) -> None:
+    # Each section as soon as it is measured: a GPU session has minutes, not hours, to read them.
     print(title)
     for name, value in values.items():
         print(f"  {name:<38}{value:>12{spec}}")
+    sys.stdout.flush()
+
+
+def _host_steps(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
+    host_runs = host_step_runs(images, labels, args)
+    host_repeats: dict[str, list[float]] = {name: [] for name in host_runs}
+    for _ in range(args.host_repeats):  # (h) is the noisiest: more repeats, and ratios within a repeat
+        for name, run in host_runs.items():
+            host_repeats[name].append(run())
+    return host_repeats
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     torch.backends.cudnn.benchmark = True
+    device_name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    runs = f"best of {args.repeats} x {args.steps} steps after {args.warmup} warm-up"
+    print(f"{device_name}, torch {torch.__version__}, batch {args.batch_size}, {args.precision}, {runs}", flush=True)
     images, labels = synthetic_images(args.images, 100, seed=0)
-    runs: dict[str, Callable[[], float]] = {
+    training: dict[str, Callable[[], float]] = {
         "plain loop": lambda: plain_loop(images, labels, args, device),
         "qlight fit": lambda: qlight_fit(args, []),
         "qlight fit + QAT int4 weights": lambda: qlight_fit(
@@ -392,48 +478,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "data path (load + augment)": lambda: data_path(args, device),
     }
-    host_runs = host_step_runs(images, labels, args)
-    host_repeats: dict[str, list[float]] = {name: [] for name in host_runs}
-    cpu_runs = w8a8_training_runs(args)
+    w8a8_runs = w8a8_training_runs(args)
     rows: dict[str, float] = {}
-    cpu_rows: dict[str, float] = {}
+    w8a8_rows: dict[str, float] = {}
     for _ in range(args.repeats):  # interleaved, best of each: drift and noisy neighbours hit all alike
-        for name, run in runs.items():
+        for name, run in training.items():
             rows[name] = max(rows.get(name, 0.0), run())
-        for name, run in cpu_runs.items():
-            cpu_rows[name] = max(cpu_rows.get(name, 0.0), run())
-    for _ in range(args.host_repeats):  # (h) is the noisiest: more repeats, and ratios within a repeat
-        for name, run in host_runs.items():
-            host_repeats[name].append(run())
-    host_ms = {name: statistics.median(values) for name, values in host_repeats.items()}
-
-    def host_ratio(name: str, baseline: str) -> float:
-        return statistics.median(a / b for a, b in zip(host_repeats[name], host_repeats[baseline], strict=True))
-
-    inference_ips = inference(args, device)
-    int8_ips = {} if args.skip_cpu_int8 else cpu_int8(args)
-    w8a8_ips = w8a8_inference(args)
-    seconds = ptq_seconds(args)
-    fake_quant_ms = fake_quant_host_ms(args)
-    device_name = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    )
-    runs = f"best of {args.repeats} x {args.steps} steps after {args.warmup} warm-up"
-    print(f"\n{device_name}, torch {torch.__version__}, batch {args.batch_size}, {args.precision}, {runs}")
+        for name, run in w8a8_runs.items():
+            w8a8_rows[name] = max(w8a8_rows.get(name, 0.0), run())
     _print_section("training (images/s)", rows, ".0f")
+    w8a8 = w8a8_settings(args)
+    _print_section(
+        f"W8A8 QAT training on {w8a8.accelerator} (images/s, batch {w8a8.batch_size}, fp32)", w8a8_rows, ".1f"
+    )
+    syncs = sync_counts(args) if device.type == "cuda" else {}
+    for name, counted in syncs.items():
+        print(f"(s) host syncs per step, {name}: {counted['per_step']:.1f} {counted['sites']}", flush=True)
+    inference_ips = inference(args, device)
     _print_section("inference (images/s)", inference_ips, ".0f")
-    _print_section("CPU inference, VGG-11-BN, batch 64 (images/s)", int8_ips, ".0f")
+    w8a8_ips = w8a8_inference(args)
+    _print_section(f"int8 graphs on the CPU (images/s, batch {cpu_settings(args).batch_size})", w8a8_ips, ".0f")
+    seconds = ptq_seconds(args)
     _print_section(f"PTQ quantize + evaluate ({args.test_images} test images, seconds)", seconds, ".2f")
+    fake_quant_ms = fake_quant_host_ms(args)
+    _print_section("fake-quant host cost per layer and step (ms, tiny tensor)", fake_quant_ms, ".3f")
+    int8_ips = {} if args.skip_cpu_int8 else cpu_int8(args)
+    _print_section("CPU inference, VGG-11-BN, batch 64 (images/s)", int8_ips, ".0f")
+    host_repeats = {} if args.skip_host else _host_steps(args, images, labels)
+    host_ms = {name: statistics.median(values) for name, values in host_repeats.items()}
     host_title = (
         f"host time per training step (ms, median of {args.host_repeats}; VGG-11 ops at 1/16 width, batch 2, CPU)"
     )
     _print_section(host_title, host_ms, ".2f")
-    _print_section("fake-quant host cost per layer and step (ms, tiny tensor)", fake_quant_ms, ".3f")
-    cpu = cpu_settings(args)
-    _print_section(f"W8A8 QAT training on the CPU (images/s, batch {cpu.batch_size}, fp32)", cpu_rows, ".1f")
-    _print_section(f"int8 graphs on the CPU (images/s, batch {cpu.batch_size})", w8a8_ips, ".0f")
+
+    def host_ratio(name: str, baseline: str) -> float | None:
+        if name not in host_repeats:
+            return None
+        return statistics.median(a / b for a, b in zip(host_repeats[name], host_repeats[baseline], strict=True))
+
     summary = {
         "device": device_name,
         "torch": torch.__version__,
@@ -442,27 +524,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fit_vs_plain": rows["qlight fit"] / rows["plain loop"],
         "qat_vs_plain": rows["plain loop"] / rows["qlight fit + QAT int4 weights"],
         "qat_act_vs_plain": rows["plain loop"] / rows["qlight fit + QAT int4 w + int8 act"],
+        "qat_vs_fit": rows["qlight fit"] / rows["qlight fit + QAT int4 weights"],
+        "qat_act_vs_fit": rows["qlight fit"] / rows["qlight fit + QAT int4 w + int8 act"],
         "data_vs_model": rows["data path (load + augment)"] / rows["plain loop"],
         "train_images_per_s": rows,
+        "syncs_per_step": {name: counted["per_step"] for name, counted in syncs.items()} or None,
+        "sync_sites": {name: counted["sites"] for name, counted in syncs.items()} or None,
         "inference_images_per_s": inference_ips,
         "cpu_int8_images_per_s": int8_ips,
         "int8_vs_fp32": max(v for k, v in int8_ips.items() if k != "fp32") / int8_ips["fp32"] if int8_ips else None,
         "fit_host_vs_plain": host_ratio("qlight fit", "plain loop"),
         "qat_host_vs_fit": host_ratio("+ QAT int4 weights (fused)", "qlight fit"),
         "qat_act_host_vs_fit": host_ratio("+ QAT int4 w + int8 act (fused)", "qlight fit"),
-        "qat_act_host_vs_fit_compiled": (
-            host_ratio("compiled: + QAT int4 w + int8 act", "compiled: qlight fit") if args.host_compiled else None
-        ),
+        "qat_act_host_vs_fit_compiled": host_ratio("compiled: + QAT int4 w + int8 act", "compiled: qlight fit"),
         "ptq_seconds": seconds,
         "ptq_sweep_seconds": sum(seconds.values()),
         "host_ms_per_step": host_ms,
         "fake_quant_host_ms": fake_quant_ms,
-        "w8a8_step_vs_float": cpu_rows["float"] / cpu_rows["W8A8 QAT"],
+        "w8a8_device": w8a8.accelerator,
+        "w8a8_step_vs_float": w8a8_rows["float"] / w8a8_rows["W8A8 QAT"],
         "w8a8_int8_vs_ptq": w8a8_ips["W8A8 QAT (converted)"] / w8a8_ips["PTQ int8_static"],
-        "w8a8_cpu_train_images_per_s": cpu_rows,
+        "w8a8_train_images_per_s": w8a8_rows,
         "w8a8_cpu_inference_images_per_s": w8a8_ips,
     }
-    print(json.dumps(summary))
+    print(json.dumps(summary), flush=True)
     return summary
 
 

@@ -1,6 +1,8 @@
 """The benchmark's code on tiny sizes, so that it cannot rot (its numbers live in BENCHMARKS.md)."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,21 @@ def load_benchmark(name: str):
         name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
+def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys, monkeypatch):
     bench = load_benchmark("bench")
+    printed_before_ptq = []
+    ptq_seconds = bench.ptq_seconds
+
+    def ptq_seconds_after_reading_stdout(args):
+        printed_before_ptq.append(capsys.readouterr().out)
+        return ptq_seconds(args)
+
+    monkeypatch.setattr(bench, "ptq_seconds", ptq_seconds_after_reading_stdout)
     summary = bench.main(
         [
             "--quick",
@@ -49,7 +60,7 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
         "data path (load + augment)",
     }
     assert all(v > 0 for v in summary["train_images_per_s"].values())
-    assert summary["fit_vs_plain"] > 0 and summary["qat_vs_plain"] > 0
+    assert all(summary[key] > 0 for key in ("fit_vs_plain", "qat_vs_plain", "qat_act_vs_plain", "qat_act_vs_fit"))
     assert set(summary["ptq_seconds"]) == {"fp32", "int4"} and set(summary["inference_images_per_s"]) == {
         "fp32",
         "int8",
@@ -59,10 +70,13 @@ def test_benchmark_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     assert all(summary[key] > 0 for key in ("fit_host_vs_plain", "qat_host_vs_fit", "qat_act_host_vs_fit"))
     assert summary["qat_act_host_vs_fit_compiled"] is None  # --host-compiled is off: nothing compiles here
     assert summary["int8_vs_fp32"] is None
-    assert set(summary["w8a8_cpu_train_images_per_s"]) == {"float", "W8A8 QAT"}
+    assert set(summary["w8a8_train_images_per_s"]) == {"float", "W8A8 QAT"} and summary["w8a8_device"] == "cpu"
+    assert summary["syncs_per_step"] is None  # counted on a GPU only
     assert set(summary["w8a8_cpu_inference_images_per_s"]) == {"W8A8 QAT (converted)", "PTQ int8_static"}
     assert summary["w8a8_step_vs_float"] > 0 and summary["w8a8_int8_vs_ptq"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"device"')
+    # Each section is out when it is measured: the training table before PTQ starts.
+    assert "training (images/s)" in printed_before_ptq[0] and '{"device"' not in printed_before_ptq[0]
     assert (tmp_path / "ptq" / "results.csv").is_file() and (tmp_path / "qat" / "model.pt").is_file()
     assert (tmp_path / "qat_w8a8" / "model.pt2").is_file()
 
@@ -91,3 +105,25 @@ def test_host_repeats_and_steps_must_be_positive(capsys, value):
         with pytest.raises(SystemExit):
             bench.parse_args([flag, value])
         assert f"{flag}: must be a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_gpu_check_summary_reads_each_steps_figures():
+    gpu_check = load_benchmark("gpu_check")
+    bench = {"fit_vs_plain": 0.97, "qat_vs_plain": 1.1, "w8a8_step_vs_float": 1.6, "syncs_per_step": {"fit": 0.0}}
+    results = {
+        "bench": {"rc": 0, "seconds": 90.0, "lines": ["training (images/s)", json.dumps(bench)]},
+        "ptq_sweep": {"rc": 0, "seconds": 50.0, "lines": ['{"wall_seconds": 41.2}']},
+        "sensitivity": {"rc": 0, "seconds": 12.0, "lines": ['{"wall_seconds": 2.5}']},
+        "w8a8_cli": {"rc": 0, "seconds": 20.0, "lines": []},
+        "study": {
+            "rc": 1,
+            "seconds": 80.0,
+            "lines": ["[study] baseline: done in 9s", "[study] qat_w8a8: FAILED after 3s: QlightError: x"],
+        },
+    }
+    summary = gpu_check.summarize(results)
+    assert (summary["fit_vs_plain"], summary["w8a8_step_vs_float"], summary["qat_act_vs_plain"]) == (0.97, 1.6, None)
+    assert (summary["ptq_sweep_seconds"], summary["sensitivity_seconds"], summary["w8a8_cli_ok"]) == (41.2, 2.5, True)
+    assert summary["study_stage_seconds"] == {"baseline": 9.0, "qat_w8a8": None} and not summary["study_complete"]
+    results["study"] = {"rc": 0, "seconds": 80.0, "lines": ["[study] baseline: done in 9s"]}
+    assert gpu_check.summarize(results)["study_complete"]
