@@ -44,7 +44,7 @@ from qlight import (
     StaticQuantizationAwareTraining,
     load_quantized,
 )
-from qlight.data import normalize, random_crop_flip, synthetic_images
+from qlight.data import EpochBatches, EpochShard, normalize, random_crop_flip, synthetic_images
 from qlight.models import VGG, vgg11_bn
 from qlight.models.vgg import CFGS, make_layers
 from qlight.quantization import StaticPT2E, fake_quant, parse_recipe, quantizable_modules
@@ -300,17 +300,19 @@ def w8a8_inference(args: argparse.Namespace) -> dict[str, float]:
 
 
 def data_path(args: argparse.Namespace, device: torch.device) -> float:
-    """(f) Loading and augmentation alone, as the fit path runs them."""
+    """(f) Drawing and augmenting batches alone, as the fit path does: the data on the device."""
     dm = datamodule(args)
     dm.setup("fit")
+    images, labels = (t.to(device) for t in dm.train_set.tensors)
+    loader = EpochBatches(images, labels, args.batch_size, EpochShard(len(labels), 0, device))
     batches, start, seen = 0, 0.0, 0
     while batches < args.warmup + args.steps * 4:
-        for images, _ in dm.train_dataloader():
+        loader.sampler.set_epoch(loader.sampler.epoch + 1)
+        for x, _ in loader:
             if batches == args.warmup:
                 sync(device)
                 start, seen = time.perf_counter(), 0
-            x = normalize(random_crop_flip(images.to(device, non_blocking=True)))
-            seen += len(x)
+            seen += len(normalize(random_crop_flip(x)))
             batches += 1
             if batches >= args.warmup + args.steps * 4:
                 break
@@ -440,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _print_section(title: str, values: dict[str, float], spec: str) -> None:
     # Each section as soon as it is measured: a GPU session has minutes, not hours, to read them.
-    print(title)
+    print(title if values else f"{title}: skipped")
     for name, value in values.items():
         print(f"  {name:<38}{value:>12{spec}}")
     sys.stdout.flush()

@@ -3,10 +3,15 @@
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch import nn
 
+from qlight import CIFAR100DataModule, ImageClassifier
 from qlight.tables import read_csv
 
 
@@ -127,3 +132,23 @@ def test_gpu_check_summary_reads_each_steps_figures():
     assert summary["study_stage_seconds"] == {"baseline": 9.0, "qat_w8a8": None} and not summary["study_complete"]
     results["study"] = {"rc": 0, "seconds": 80.0, "lines": ["[study] baseline: done in 9s"]}
     assert gpu_check.summarize(results)["study_complete"]
+
+
+def test_sync_counter_counts_the_sync_warnings_of_its_steps_by_call_site(tmp_path, monkeypatch):
+    # On a GPU torch's sync debug mode warns at every synchronizing call; here a callback warns as it would.
+    bench = load_benchmark("bench")
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    class Syncs(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    counter = bench.SyncCounter(2, 5)
+    data = CIFAR100DataModule(batch_size=4, val_size=0, synthetic=True, synthetic_train_size=64, synthetic_test_size=8)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=7, logger=False, enable_checkpointing=False, callbacks=[counter, Syncs()]
+    )
+    trainer.fit(ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3072, 100))), data)
+    assert modes == ["warn", "default"]
+    assert list(counter.sites.values()) == [3] and next(iter(counter.sites)).startswith("test_bench.py:")
