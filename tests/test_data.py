@@ -1,3 +1,5 @@
+import pathlib
+import pickle
 import urllib.error
 from types import SimpleNamespace
 
@@ -20,9 +22,10 @@ from qlight.data import (
 from qlight.data import cifar100 as cifar_module
 from qlight.data.device_batches import EpochShard, to_device
 from qlight.errors import QlightError
+from tests.conftest import write_cifar100
 
 
-def test_reads_cifar100_format_through_torchvision(cifar_dir):
+def test_reads_cifar100_format(cifar_dir):
     dm = CIFAR100DataModule(data_dir=str(cifar_dir), batch_size=16, val_size=16, verify_checksums=False, download=False)
     dm.prepare_data()
     dm.setup("fit")
@@ -30,9 +33,46 @@ def test_reads_cifar100_format_through_torchvision(cifar_dir):
     images, labels = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
     assert labels.dtype == torch.long and int(labels.max()) < 100
-    # The same pixels as the pickle: the first test image round-trips through torchvision's layout.
-    raw_images, _ = load_cifar100(cifar_dir, train=False, verify_checksums=False)
-    assert torch.equal(dm.test_set.tensors[0][0], raw_images[0])
+    # The same pixels and labels as the pickle, in (N, C, H, W) order.
+    with open(cifar_dir / "cifar-100-python" / "test", "rb") as file:
+        raw = pickle.load(file, encoding="latin1")
+    assert torch.equal(dm.test_set.tensors[0][3], torch.from_numpy(raw["data"][3].reshape(3, 32, 32)))
+    assert dm.test_set.tensors[1].tolist() == raw["fine_labels"]
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (self.marker, "ran"))
+
+
+@pytest.mark.parametrize("verify_checksums", [True, False])
+def test_crafted_cifar_pickles_run_no_code(tmp_path, verify_checksums):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "ran.txt"
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(pickle.dumps({"data": RunsCode(marker), "fine_labels": [0]}, protocol=2))
+    with pytest.raises(QlightError) as info:
+        dm = CIFAR100DataModule(data_dir=str(tmp_path), download=False, verify_checksums=verify_checksums)
+        dm.prepare_data()
+        dm.setup("fit")
+    assert not marker.exists() and "\n" not in str(info.value)
+    assert "checksums" in str(info.value) if verify_checksums else "is not plain data" in str(info.value)
+
+
+@pytest.mark.parametrize("label", [-1, 100])
+def test_labels_outside_cifar100s_classes_are_refused(tmp_path, label):
+    root = write_cifar100(tmp_path)
+    path = root / "cifar-100-python" / "test"
+    entry = pickle.loads(path.read_bytes(), encoding="latin1")
+    entry["fine_labels"][5] = label
+    path.write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(QlightError, match="labels outside 0..99") as info:
+        load_cifar100(root, train=False)
+    assert str(label) in str(info.value).split("labels outside 0..99")[1]
 
 
 def test_validation_split_is_seeded(cifar_dir):

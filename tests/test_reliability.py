@@ -30,6 +30,7 @@ from qlight.cli import main
 from qlight.data import ensure_cifar100
 from qlight.files import SAFE_GLOBALS_ENV, load_torch_file
 from qlight.quantization import parse_recipe, quantizable_modules
+from qlight.quantization.recipes import export_batched
 from qlight.quantization.serialization import quantized_bytes
 from qlight.tables import read_csv
 
@@ -85,13 +86,17 @@ def pickled(obj) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("where", ["weights", "sample_inputs"])
+@pytest.mark.parametrize("where", ["weights", "sample_inputs", "shape_expression"])
 def test_a_crafted_pt2_runs_no_code(tmp_path, where):
     good = tmp_path / "good.pt2"
-    torch.export.save(torch.export.export(nn.Linear(4, 2), (torch.randn(2, 4),)), good)
+    torch.export.save(export_batched(nn.Linear(4, 2), torch.randn(2, 4)), good)  # a symbolic batch size
     marker = tmp_path / "ran.txt"
 
     def edit(name: str, data: bytes) -> bytes:
+        if where == "shape_expression" and name.endswith("models/model.json"):
+            # torch's deserializer hands these strings to sympy.sympify, which evaluates Python.
+            code = f"__import__('pathlib').Path('{marker}').write_text('ran') or Symbol("
+            return data.replace(b'"expr_str": "Symbol(', f'"expr_str": "{code}'.encode(), 1)
         if where == "weights" and name.endswith("weights_config.json"):
             return data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
         if where == "weights" and name.endswith("weights/weight_0"):

@@ -3,6 +3,7 @@ its own that must agree with the PyTorch quantized model on real data."""
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 from digits import DigitsNet, trainer
@@ -61,3 +62,27 @@ def test_onnx_without_the_extra_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(QlightError, match=r'pip install -e "\.\[onnx\]"'):
         export_onnx(torch.nn.Linear(4, 2), torch.randn(2, 4))
+
+
+def test_an_onnx_file_with_external_data_is_refused_before_onnx_runtime_reads_it(tmp_path, monkeypatch):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    weight = numpy_helper.from_array(np.zeros(4, dtype=np.float32), "w")
+    onnx.external_data_helper.set_external_data(weight, location=secret.name)
+    weight.ClearField("raw_data")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+        [weight],
+    )
+    crafted = tmp_path / "crafted.onnx"
+    crafted.write_bytes(helper.make_model(graph).SerializeToString())
+    monkeypatch.chdir(tmp_path)  # ONNX Runtime resolves external data against the working directory
+    with pytest.raises(QlightError, match="external files") as info:
+        load_quantized(crafted)
+    assert "\n" not in str(info.value)

@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
@@ -91,18 +92,57 @@ def _extract(archive: Path, root: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def load_cifar100(data_dir: str | Path, train: bool, verify_checksums: bool = True) -> tuple[Tensor, Tensor]:
-    """One split through torchvision's reader, as ``(uint8 (N, 3, 32, 32), int64 (N,))``."""
-    reader = _reader(verify_checksums)
+def _plain_dtype(spec: str, *args: Any) -> np.dtype:
+    dtype = np.dtype(spec, *args)
+    if dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"dtype {dtype} is not a plain number type")
+    return dtype
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    return text.encode("latin1")
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, numbers and numpy arrays of numbers, and no other object: a
+    pickle runs code through the globals it names, and these are all it may name."""
+
+    # numpy's array rebuilder, under its numpy 1 and numpy 2 module names (read off an array's reduce).
+    GLOBALS: dict[tuple[str, str], Any] = {
+        ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _plain_dtype,
+        ("_codecs", "encode"): _latin1,  # how protocol 2 writes bytes
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+        return self.GLOBALS[module, name]
+
+
+def load_cifar100(data_dir: str | Path, train: bool) -> tuple[Tensor, Tensor]:
+    """One split as ``(uint8 (N, 3, 32, 32), int64 (N,))``, read with an unpickler that builds plain
+    data only (whether or not the checksums were verified) and checked for CIFAR-100's shapes and labels."""
+    path = Path(data_dir) / CIFAR100.base_folder / ("train" if train else "test")
     try:
-        dataset = reader(str(data_dir), train=train, download=False)
-    except (pickle.UnpicklingError, EOFError, OSError, KeyError, ValueError) as err:
-        folder = Path(data_dir) / CIFAR100.base_folder
+        with open(path, "rb") as file:
+            entry = _PlainUnpickler(file, encoding="latin1").load()
+        data, labels = entry["data"], np.asarray(entry["fine_labels"])
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError("data is not uint8 rows of 3,072 pixels")
+        if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+            raise ValueError("fine_labels is not one whole number per image")
+        if len(labels) and not 0 <= labels.min() <= labels.max() < CIFAR100DataModule.num_classes:
+            raise ValueError(f"labels outside 0..99 ({labels.min()}..{labels.max()})")
+    except (pickle.UnpicklingError, EOFError, OSError, KeyError, ValueError, TypeError, IndexError, MemoryError) as err:
         raise QlightError(
-            f"{folder} cannot be read as CIFAR-100 ({type(err).__name__}): delete it and extract the archive again"
+            f"{path} cannot be read as CIFAR-100 ({type(err).__name__}: {str(err)[:200]}): delete "
+            f"{path.parent} and extract the archive again"
         ) from None
-    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-    return images, torch.tensor(dataset.targets, dtype=torch.long)
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, torch.from_numpy(labels.astype(np.int64))
 
 
 class _CropFlip(Dataset):
@@ -185,8 +225,8 @@ class CIFAR100DataModule(LightningDataModule):
             )
             test = synthetic_images(self.hparams.synthetic_test_size, self.num_classes, self.hparams.seed, split_seed=1)
         else:
-            train = load_cifar100(self.hparams.data_dir, True, self.hparams.verify_checksums)
-            test = load_cifar100(self.hparams.data_dir, False, self.hparams.verify_checksums)
+            train = load_cifar100(self.hparams.data_dir, True)
+            test = load_cifar100(self.hparams.data_dir, False)
         if self.hparams.val_size >= len(train[1]):
             raise QlightError(f"data.val_size={self.hparams.val_size} leaves no training images out of {len(train[1])}")
         order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(self.hparams.seed))

@@ -8,6 +8,9 @@ it into real int8 convolutions and matmuls.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +84,36 @@ def export_onnx(model: nn.Module, example: Tensor) -> bytes:
     buffer = io.BytesIO()
     program.save(buffer)
     return buffer.getvalue()
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of an ONNX graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from ([attribute.t] if attribute.HasField("t") else [])
+            yield from attribute.tensors
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(subgraph)
+
+
+def check_self_contained(onnx_bytes: bytes, path: Path) -> None:
+    """Refuse an ONNX model whose tensors live in external files: ONNX Runtime would read them from
+    paths the file names, relative to the working directory, not the model's folder."""
+    try:
+        import onnx
+    except ImportError:
+        raise QlightError(f"onnx is not installed: {ONNX_HINT}") from None
+    try:
+        model = onnx.load_model_from_string(onnx_bytes)
+    except Exception as err:  # protobuf raises its own DecodeError
+        raise QlightError(f"{path} is not an ONNX model ({type(err).__name__})") from None
+    external = [t.name for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise QlightError(
+            f"{path} keeps tensors in external files ({', '.join(external[:3])}); qlight loads self-contained "
+            ".onnx files only, as it writes them"
+        )
 
 
 class OnnxRuntimeModule(nn.Module):

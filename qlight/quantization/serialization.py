@@ -10,17 +10,20 @@ recipes are exported graphs in ``torch.export``'s ``.pt2`` format, whose archive
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import io
 import json
 import os
+import re
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import sympy
 import torch
 from torch import Tensor, nn
 from torch.export.pt2_archive import constants as pt2_constants
@@ -31,7 +34,7 @@ from qlight.files import load_torch_file
 from qlight.quantization.intx import code_range, dtype_bits, intx_from_codes, set_weight
 from qlight.quantization.mixed_precision import MixedPrecision, check_plan, realised_plan
 from qlight.quantization.recipes import Recipe, export_batched, parse_recipe, quantizable_modules
-from qlight.quantization.runtimes import InductorGraph, OnnxRuntimeModule
+from qlight.quantization.runtimes import InductorGraph, OnnxRuntimeModule, check_self_contained
 
 FORMAT = "qlight.quantized/1"
 _PLAIN_TENSOR_FILES = (pt2_constants.WEIGHT_FILENAME_PREFIX, pt2_constants.TENSOR_CONSTANT_FILENAME_PREFIX)
@@ -221,6 +224,67 @@ def _weights_only_loads() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
+# What a symbolic shape of a qlight graph is written with (``Symbol('s77', positive=True, integer=True)``,
+# sums, products, integer division): sympy's and torch's function names, symbol names, numbers.
+_SHAPE_FUNCTIONS = frozenset(
+    "Symbol Integer Rational Float Add Mul Pow Mod Max Min Abs floor ceiling Eq Ne Lt Le Gt Ge And Or Not "
+    "oo zoo nan true false True False".split()
+)
+_SHAPE_NODES = (
+    *(ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp, ast.Compare),
+    *(ast.BoolOp, ast.And, ast.Or, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow),
+    *(ast.USub, ast.UAdd, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq),
+)
+_SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")  # s77, u0: the names torch gives shape symbols
+_MAX_EXPRESSION = 10_000
+
+
+def _is_shape_expression(text: str, functions: Iterable[str]) -> bool:
+    """Whether ``text`` is a call tree of known function names over symbols, numbers and symbol-name
+    strings: nothing that names an attribute, a module or a builtin."""
+    allowed = _SHAPE_FUNCTIONS | set(functions)
+
+    def plain(node: ast.AST) -> bool:
+        if not isinstance(node, _SHAPE_NODES):
+            return False
+        if isinstance(node, ast.Call):
+            return isinstance(node.func, ast.Name)
+        if isinstance(node, ast.Name):
+            return node.id in allowed or _SYMBOL_NAME.fullmatch(node.id) is not None
+        if isinstance(node, ast.Constant):
+            value = node.value
+            name = isinstance(value, str) and value.isidentifier() and not value.startswith("_")
+            return isinstance(value, (int, float)) or name
+        return not isinstance(node, ast.keyword) or node.arg is not None
+
+    if len(text) > _MAX_EXPRESSION:
+        return False
+    try:
+        return all(plain(node) for node in ast.walk(ast.parse(text, mode="eval")))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+
+
+@contextlib.contextmanager
+def _shape_expressions_only(path: Path) -> Iterator[None]:
+    # torch's deserializer hands the symbolic-shape strings of a .pt2 (``expr_str`` in
+    # models/model.json) to sympy.sympify, which evaluates them as Python: a crafted string runs code.
+    original = sympy.sympify
+
+    def checked(a: Any, *args: Any, locals: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        if isinstance(a, str) and not _is_shape_expression(a, locals or {}):
+            raise QlightError(
+                f"{path} holds a symbolic shape that is not a shape expression; qlight refuses to load it"
+            )
+        return original(a, *args, locals=locals, **kwargs)
+
+    sympy.sympify = checked
+    try:
+        yield
+    finally:
+        sympy.sympify = original
+
+
 def _check_pt2(path: Path) -> None:
     """Refuse an archive that asks for pickled weights, constants or objects."""
     try:
@@ -239,8 +303,10 @@ def _check_pt2(path: Path) -> None:
 def _load_pt2(path: Path) -> nn.Module:
     _check_pt2(path)
     try:
-        with _weights_only_loads():
+        with _weights_only_loads(), _shape_expressions_only(path):
             return torch.export.load(str(path)).module()
+    except QlightError:
+        raise
     except Exception as err:  # torch.export raises many types for a damaged archive
         raise QlightError(f"{path} cannot be loaded as an exported program ({type(err).__name__})") from None
 
@@ -272,7 +338,9 @@ def load_quantized(
     if path.suffix == ".pt2":
         return _load_pt2(path)
     if path.suffix == ".onnx":
-        return OnnxRuntimeModule(path.read_bytes())
+        onnx_bytes = path.read_bytes()
+        check_self_contained(onnx_bytes, path)
+        return OnnxRuntimeModule(onnx_bytes)
     payload = load_torch_file(path, "quantized model", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QlightError(f"{path} is not a qlight quantized model file")
