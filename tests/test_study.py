@@ -191,19 +191,51 @@ def test_changing_a_later_stage_keeps_the_earlier_ones_and_overwrite_touches_onl
     (root / "notes.txt").write_text("mine")
     capsys.readouterr()
 
+    (root / "qat_int4" / "analysis.ipynb").write_text("mine too")  # written after the stage: not the study's
+
     # Another QAT epoch count: refused without --overwrite, and nothing is touched.
     assert study(tmp_path, "--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=2", rtn) == 2
     assert "qat_int4" in capsys.readouterr().err
-    # With --overwrite a folder holding a file the study did not write is still refused.
+    # With --overwrite the stage's own files go and it is redone; the user's files stay where they are.
     args = ("--stages=[baseline, ptq, qat]", "--qat.bits=[4]", "--qat.epochs=2", "--overwrite=true", rtn)
-    assert study(tmp_path, *args) == 2
-    assert "notes.txt" in capsys.readouterr().err
-    (root / "notes.txt").unlink()
     assert study(tmp_path, *args) == 0
     out = capsys.readouterr().out
     assert "[study] baseline: skipped" in out and "[study] ptq: skipped" in out and "[study] qat_int4: done" in out
     assert (root / "baseline" / "baseline.ckpt").read_bytes() == baseline
     assert len(read_csv(root / "qat_int4" / "results.csv")) == 3  # two epochs and the converted row
+    assert (root / "notes.txt").read_text() == "mine" and (
+        root / "qat_int4" / "analysis.ipynb"
+    ).read_text() == "mine too"
+    assert "analysis.ipynb" not in json.loads((root / "qat_int4" / "stage.json").read_text())["files"]
+
+
+@pytest.mark.parametrize(
+    "folder, marker",
+    [("baseline", None), ("ptq", '{"fingerprint": {"x": 1}, "done": true}')],
+    ids=["a user folder named like a stage", "a stage.json that lists no files"],
+)
+def test_overwrite_removes_nothing_the_study_has_no_record_of(tmp_path, capsys, folder, marker):
+    user_file = tmp_path / "study" / folder / "mine.ckpt"
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text("my own model")
+    if marker:
+        (user_file.parent / "stage.json").write_text(marker)
+    assert study(tmp_path, "--stages=[report]", "--overwrite=true") == 2
+    err = capsys.readouterr().err
+    assert f"refusing to remove {tmp_path / 'study' / folder}" in err and err.count("\n") == 1
+    assert user_file.read_text() == "my own model"
+
+
+@pytest.mark.parametrize("name", ["report.md", "results.json", "errors.json"])
+def test_the_study_writes_over_no_file_it_did_not_write(tmp_path, capsys, name):
+    user_file = tmp_path / "study" / name
+    user_file.parent.mkdir()
+    user_file.write_text("the user's")
+    for overwrite in ("false", "true"):
+        assert study(tmp_path, "--stages=[report]", f"--overwrite={overwrite}") == 2
+        err = capsys.readouterr().err
+        assert f"{user_file} was not written by this study" in err and "--overwrite" in err
+    assert user_file.read_text() == "the user's" and not (tmp_path / "study" / "study_config.json").exists()
 
 
 def test_overwrite_refuses_the_current_directory(tmp_path, monkeypatch, capsys):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import shutil
 import sys
 import time
 import traceback
@@ -46,8 +45,9 @@ PRECISIONS = ("16-mixed", "bf16-mixed", "32-true", "16-true", "bf16-true")
 # Trainer settings that change what is printed, not what is computed: they do not redo stages.
 COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
 STUDY_SETS_TRAINER_KEYS = {"max_epochs", "callbacks", "logger", "default_root_dir"}
-# Top-level files and folders a study writes (besides its stage folders).
-STUDY_FILES = {"study_config.json", "errors.json", "report.md", "results.json", "tensorboard", "logs"} | {
+# Top-level files and folders a study writes (besides its stage folders), listed in its manifest.
+MANIFEST = "study_files.json"
+STUDY_FILES = {MANIFEST, "study_config.json", "errors.json", "report.md", "results.json", "tensorboard", "logs"} | {
     f"{name}.png" for name in FIGURES
 }
 CPU_PRECISION_NOTE = (
@@ -126,6 +126,28 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return marker if isinstance(marker, dict) else None
+
+
+def _files(folder: Path) -> set[str]:
+    """Paths of the files under ``folder``, relative to it."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()} if folder.is_dir() else set()
+
+
+def _inside(folder: Path, names: list[Any]) -> set[Path]:
+    """The recorded ``names`` as paths inside ``folder`` (a marker naming a path outside it is ignored there)."""
+    paths = {folder / str(name) for name in names}
+    return {path for path in paths if path.resolve().is_relative_to(folder.resolve())}
+
+
+def _remove_files(folder: Path, files: set[Path]) -> None:
+    """Delete ``files``, then the folders up to ``folder`` (included) that they leave empty."""
+    parents = {folder}
+    for path in files:
+        path.unlink(missing_ok=True)
+        parents.update(p for p in path.parents if p.is_relative_to(folder))
+    for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
 
 
 def _unsafe_to_clear(directory: Path) -> str | None:
@@ -215,16 +237,23 @@ class Study:
 
     # --- the directory -----------------------------------------------------------------------
     def _claim_directory(self, stages: list[Stage]) -> None:
-        """Create ``study_dir``; find stages made with other settings and, with ``overwrite``, remove
-        their folders (and only those: files the study did not write are never touched)."""
+        """Create ``study_dir``; refuse top-level files the study did not write; find stages made with
+        other settings and, with ``overwrite``, remove the files they recorded (nothing else)."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise QlightError(f"cannot create {self.dir}: {err.strerror or err}") from None
+        claimed = self._claimed()
+        for name in sorted(STUDY_FILES - claimed):
+            if (self.dir / name).exists() or (self.dir / name).is_symlink():
+                raise QlightError(
+                    f"{self.dir / name} was not written by this study and would be replaced: move it away "
+                    "(--overwrite never touches files the study did not write) or choose another study_dir"
+                )
         changed = []
         for stage in stages:
             folder = self.dir / stage.name
-            if folder.exists():
+            if folder.exists() or folder.is_symlink():
                 marker = _read_marker(folder / "stage.json")
                 if marker is None or marker.get("fingerprint") != stage.fingerprint:
                     changed.append(stage.name)
@@ -235,29 +264,44 @@ class Study:
             )
         if changed:
             self._remove_stages(changed)
+        atomic_write_text(self.dir / MANIFEST, json.dumps(sorted(STUDY_FILES), indent=2))
         atomic_write_text(self.dir / "study_config.json", json.dumps(_plain(self.config.as_dict()), indent=2))
         atomic_write_text(self.dir / "errors.json", "{}")  # this run's failures only
+
+    def _claimed(self) -> set[str]:
+        """The top-level names this study has written: its manifest, or, for a study made before
+        manifests, every study file beside a ``study_config.json`` that a study wrote."""
+        try:
+            names = json.loads((self.dir / MANIFEST).read_text())
+            return set(names) & STUDY_FILES if isinstance(names, list) else set()
+        except (OSError, ValueError):
+            config = _read_marker(self.dir / "study_config.json")
+            return set(STUDY_FILES) if config is not None and "study_dir" in config else set()
 
     def _remove_stages(self, names: list[str]) -> None:
         root = self.dir.resolve()
         unsafe = _unsafe_to_clear(root)
         if unsafe:
             raise QlightError(f"refusing to overwrite in {self.dir}: it is {unsafe}; choose a study_dir of its own")
-        stage_names = {stage.name for stage in self.stages()}
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in STUDY_FILES | stage_names)
-        if foreign:
-            raise QlightError(
-                f"refusing to overwrite in {self.dir}: it holds files the study did not write "
-                f"({', '.join(foreign[:5])})"
-            )
+        recorded = {}
+        for name in names:
+            folder = self.dir / name
+            marker = None if folder.is_symlink() else _read_marker(folder / "stage.json")
+            if marker is None or not isinstance(marker.get("files"), list):
+                why = "its stage.json lists no files (a stopped stage)" if marker else "it has no stage.json"
+                raise QlightError(
+                    f"refusing to remove {folder}: {why}, so the study has no record of what it wrote there; move "
+                    "it away or choose another study_dir"
+                )
+            recorded[name] = _inside(root / name, marker["files"])
         ckpt = Path(self.config.baseline.ckpt).resolve() if self.config.baseline.ckpt else None
-        for name in names:
-            if ckpt is not None and (root / name) in ckpt.parents:
+        for name, files in recorded.items():
+            if ckpt is not None and ckpt in files:
                 raise QlightError(f"refusing to overwrite {self.dir / name}: it holds baseline.ckpt {ckpt}")
-        for name in names:
-            print(f"[study] {name}: made with other settings, removing {self.dir / name}", flush=True)
+        for name, files in recorded.items():
+            print(f"[study] {name}: made with other settings, removing its files from {self.dir / name}", flush=True)
             try:
-                shutil.rmtree(root / name)
+                _remove_files(root / name, files)
             except OSError as err:
                 raise QlightError(f"cannot remove {self.dir / name}: {err.strerror or err}") from None
 
@@ -271,15 +315,23 @@ class Study:
             return
         resuming = (folder / "checkpoints" / "last.ckpt").is_file()
         print(f"[study] {stage.name}: {'resuming' if resuming else 'running'}", flush=True)
-        atomic_write_text(marker_path, json.dumps({"fingerprint": stage.fingerprint, "done": False}, indent=2))
+        # What was in the folder before the stage first ran is not the stage's (a resumed stage keeps
+        # the list of its first start): the files it writes are the rest, recorded when it ends.
+        same = marker is not None and marker.get("fingerprint") == stage.fingerprint
+        before = marker["before"] if same and isinstance(marker.get("before"), list) else sorted(_files(folder))
+        state = {"fingerprint": stage.fingerprint, "before": before}
+        atomic_write_text(marker_path, json.dumps({**state, "done": False}, indent=2))
         start = time.perf_counter()
         try:
             stage.run()
+            done = True
         except Exception as err:  # a failed stage is reported and the others go on
             self._record_failure(stage.name, err, start)
+            done = False
         else:
-            atomic_write_text(marker_path, json.dumps({"fingerprint": stage.fingerprint, "done": True}, indent=2))
             print(f"[study] {stage.name}: done in {time.perf_counter() - start:.0f}s", flush=True)
+        written = sorted(_files(folder) - set(before))
+        atomic_write_text(marker_path, json.dumps({**state, "files": written, "done": done}, indent=2))
         atomic_write_text(self.dir / "errors.json", json.dumps(self.errors, indent=2))
 
     def _record_failure(self, name: str, err: Exception, start: float) -> None:
