@@ -108,10 +108,15 @@ def test_budgets_and_plans_that_cannot_work_say_why(tmp_path, pooled_digits_chec
     with pytest.raises(QlightError, match="below 2 bits cannot be met; the smallest is mixed@2"):
         _ptq(tmp_path, pooled_digits_checkpoint, ["mixed@1.5"], name="low")
     layers = "its quantizable layers: net.0, net.3, net.7, net.10, net.15"
-    for name, plan in [("other", {"features.0": 4}), ("wide", {"net.0": 9}), ("text", {"net.0": "4"})]:
+    cases = [
+        ("other", {"features.0": 4}, f"names 'features.0', not a quantizable layer .*; {layers}$"),
+        ("wide", {"net.0": 9}, "gives 'net.0' 9 bits: bits are whole numbers 2..8$"),
+        ("text", {"net.0": "4"}, "gives 'net.0' '4' bits: bits are whole numbers 2..8$"),
+    ]
+    for name, plan, message in cases:
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(plan))
-        with pytest.raises(QlightError, match=f"plan {re.escape(str(path))} .*; {layers}$"):
+        with pytest.raises(QlightError, match=f"plan {re.escape(str(path))} {message}"):
             _ptq(tmp_path, pooled_digits_checkpoint, [f"mixed@{path}"], name=name)
     with pytest.raises(QlightError, match="no plan file at"):
         _ptq(tmp_path, pooled_digits_checkpoint, [f"mixed@{tmp_path / 'missing.json'}"], name="missing")
@@ -164,3 +169,36 @@ def test_qat_from_a_mixed_plan_converts_exactly_to_that_plan(tmp_path, mixed_run
         trainer(tmp_path, [QuantizationAwareTraining(weight_bits={"net.1": 4})], max_epochs=1).fit(PooledDigitsNet())
     with pytest.raises(QlightError, match="keep_first/keep_last do not combine with a plan"):
         QuantizationAwareTraining(weight_bits=plan, keep_first=True)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"net.0": ' + "9" * 5000 + "}", "is not a JSON plan of layer -> bits \\(ValueError"),
+        ("[" * 200_000 + "]" * 200_000, "is not a JSON plan of layer -> bits \\(RecursionError"),
+        ("{}", "write a non-empty object of layer -> bits"),
+        ('{"' + "x" * 2_000_000 + '": 4}', "holds 2,000,007 bytes: a plan is .* at most 1 MiB"),
+        ('{"' + "x" * 5_000 + '": 9}', "gives 'xxxx.*\\.\\.\\. \\(5,000 characters\\) 9 bits"),
+    ],
+    ids=["a 5,000-digit number", "nested 200,000 deep", "empty", "2 MB", "a 5,000-character name"],
+)
+def test_plan_files_are_checked_when_the_callbacks_are_built(tmp_path, content, message):
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    for build in (lambda: PostTrainingQuantization([f"mixed@{path}"]), lambda: QuantizationAwareTraining(str(path))):
+        with pytest.raises(QlightError, match=message) as info:
+            build()
+        assert len(str(info.value)) < 500
+
+
+def test_budgets_above_8_bits_and_same_named_plans_are_refused(tmp_path):
+    with pytest.raises(QlightError, match="mixed@100: a budget above 8 bits is uniform int8; the largest is mixed@8"):
+        PostTrainingQuantization(["mixed@100"])
+    for folder, bits in (("a", 3), ("b", 5)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.json").write_text(json.dumps({"net.0": bits}))
+    with pytest.raises(QlightError, match="two different plans would both be named mixed@x.json"):
+        PostTrainingQuantization([f"mixed@{tmp_path / 'a' / 'x.json'}", f"mixed@{tmp_path / 'b' / 'x.json'}"])
+    (tmp_path / "b" / "x.json").write_text(json.dumps({"net.0": 3}))  # the same plan: one row
+    ptq = PostTrainingQuantization([f"mixed@{tmp_path / 'a' / 'x.json'}", f"mixed@{tmp_path / 'b' / 'x.json'}"])
+    assert [r.name for r in ptq.recipes] == ["fp32", "mixed@x.json"]

@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,7 @@ from qlight.quantization.recipes import DEFAULT_GRANULARITY, IntxWeightOnly
 from qlight.quantization.sensitivity import layer_sensitivity, weight_bytes
 
 CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
+MAX_PLAN_BYTES = 2**20
 ALIGNMENT = 64  # torch.save aligns every tensor record to 64 bytes: a plan's bytes can move by that much
 
 
@@ -77,12 +79,23 @@ class MixedPrecision:
         budget = self.plan_file.name if self.plan_file else self.budget
         return f"mixed@{budget}{methods}{suffix}"
 
-    def check(self, model: nn.Module, targets: Sequence[str]) -> None:
-        """Fail early on a plan file that does not fit the model, or an average-bits budget below 2."""
+    def check_budget(self) -> None:
+        """Fail on a plan file that is not a plan, or an average-bits budget outside 2..8, before any
+        model or data is seen."""
         if self.plan_file is not None:
-            check_plan(read_plan(self.plan_file), model, targets, str(self.plan_file))
+            read_plan(self.plan_file)
         elif not self.budget.endswith("MiB") and float(self.budget) < MIN_BITS:
             raise QlightError(f"{self.name}: a budget below {MIN_BITS} bits cannot be met; the smallest is mixed@2")
+        elif not self.budget.endswith("MiB") and float(self.budget) > MAX_BITS:
+            raise QlightError(
+                f"{self.name}: a budget above {MAX_BITS} bits is uniform int{MAX_BITS}; the largest is mixed@{MAX_BITS}"
+            )
+
+    def check(self, model: nn.Module, targets: Sequence[str]) -> None:
+        """Fail early on a budget or plan file that is not one, or a plan that does not fit the model."""
+        self.check_budget()
+        if self.plan_file is not None:
+            check_plan(read_plan(self.plan_file), model, targets, str(self.plan_file))
 
     def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
         self.check(model, targets)
@@ -173,34 +186,43 @@ def _ceil(mib: float) -> str:
 
 
 def read_plan(path: Path) -> Plan:
-    """A plan file: a JSON object of layer name -> bits."""
+    """A plan file: a non-empty JSON object of layer name -> bits (2..8), at most 1 MiB."""
     try:
+        size = path.stat().st_size
+        if size > MAX_PLAN_BYTES:
+            raise QlightError(f"{path} holds {size:,} bytes: a plan is a JSON object of layer -> bits, at most 1 MiB")
         plan = json.loads(path.read_text())
     except FileNotFoundError:
         raise QlightError(f"no plan file at {path}: write a JSON object of layer -> bits") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise QlightError(f"{path} is not a JSON plan of layer -> bits ({err})") from None
-    if not isinstance(plan, dict):
-        raise QlightError(f"{path} is not a JSON plan: write an object of layer -> bits")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also 5,000-digit numbers
+        reason = f"{type(err).__name__}: {str(err)[:100]}"
+        raise QlightError(f"{path} is not a JSON plan of layer -> bits ({reason})") from None
+    if not isinstance(plan, dict) or not plan:
+        raise QlightError(f"{path} is not a JSON plan: write a non-empty object of layer -> bits")
+    check_bits(plan, str(path))
     return plan
+
+
+def _short(name: str) -> str:
+    return repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name):,} characters)"
+
+
+def check_bits(plan: Mapping[str, Any], source: str) -> None:
+    """Every layer of ``plan`` has a whole number of bits in 2..8."""
+    for name, bits in plan.items():
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            shown = repr(bits) if isinstance(bits, (int, float, str, bool)) and len(repr(bits)) < 40 else "a value"
+            raise QlightError(f"plan {source} gives {_short(name)} {shown} bits: bits are whole numbers 2..8")
 
 
 def check_plan(plan: Mapping[str, int], model: nn.Module, targets: Sequence[str], source: str) -> None:
     """Every layer of ``plan`` is one of ``targets`` and has 2..8 bits; the error lists the layers."""
+    check_bits(plan, source)
     unknown = [name for name in plan if name not in targets]
-    outside = [
-        name
-        for name, bits in plan.items()
-        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS
-    ]
-    if unknown or outside:
-        what = (
-            f"names {unknown[0]!r}, not a quantizable layer"
-            if unknown
-            else f"gives {outside[0]!r} {plan[outside[0]]} bits, outside {MIN_BITS}..{MAX_BITS}"
-        )
+    if unknown:
         raise QlightError(
-            f"plan {source} {what} of {type(model).__name__}; its quantizable layers: {', '.join(targets)}"
+            f"plan {source} names {_short(unknown[0])}, not a quantizable layer of {type(model).__name__}; its "
+            f"quantizable layers: {', '.join(targets)}"
         )
 
 

@@ -192,6 +192,9 @@ class PostTrainingQuantization(Callback):
             raise QlightError(f"run_on takes 'fit' and/or 'test', got {list(run_on)}")
         if calibration_batches < 0:
             raise QlightError(f"calibration_batches must be 0 or more, got {calibration_batches}")
+        for recipe in parsed:
+            if isinstance(recipe, MixedPrecision):
+                recipe.check_budget()  # a plan file that is not a plan fails before any training
         calibrated = [r.name for r in parsed if r.calibrated]
         if calibrated and calibration_batches == 0:
             more = f" and {len(calibrated) - 3} more" if len(calibrated) > 3 else ""
@@ -327,14 +330,29 @@ def _expand(recipes: Sequence[str], granularities: list[str], methods: list[str]
         raise QlightError("granularity and methods need at least one value each")
     for method in methods:
         parse_method(method)
-    parsed = [parse_recipe("fp32")]
+    parsed = {"fp32": parse_recipe("fp32")}
     for name in recipes:
         for granularity in granularities:
             for method in methods:
                 recipe = parse_recipe(name, check_granularity(granularity), method)
-                if recipe.name not in [r.name for r in parsed]:
-                    parsed.append(recipe)
-    return parsed
+                same_name = parsed.setdefault(recipe.name, recipe)
+                if not _same_recipe(same_name, recipe):  # rows and files are keyed by the name
+                    raise QlightError(
+                        f"two different plans would both be named {recipe.name}: give the plan files different names"
+                    )
+    return list(parsed.values())
+
+
+def _same_recipe(a: Recipe, b: Recipe) -> bool:
+    """Equal, or plan recipes alike but for the path of plan files with the same content."""
+    if a == b:
+        return True
+    if not (isinstance(a, MixedPrecision) and isinstance(b, MixedPrecision) and a.plan_file and b.plan_file):
+        return False
+    try:
+        return a.base == b.base and a.plan_file.read_bytes() == b.plan_file.read_bytes()
+    except OSError:
+        return False
 
 
 def _quantize(

@@ -32,7 +32,7 @@ from qlight.quantization.lightning_plumbing import (
     log_to_loggers,
     non_finite_tensors,
 )
-from qlight.quantization.mixed_precision import MixedPrecision, check_plan, read_plan
+from qlight.quantization.mixed_precision import MixedPrecision, check_bits, check_plan, read_plan
 from qlight.quantization.qat_results import QATResults, check_eval_split
 from qlight.quantization.recipes import IntxWeightOnly, Recipe, check_granularity, quantizable_modules
 from qlight.quantization.serialization import quantized_bytes
@@ -162,6 +162,10 @@ class QuantizationAwareTraining(QATResults):
                 raise QlightError(f"{name} must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
         if weight_bits is None:
             raise QlightError(f"QAT needs weight_bits ({MIN_BITS}..{MAX_BITS})")
+        if isinstance(weight_bits, Mapping):  # a plan file is checked as it is read
+            if not weight_bits:
+                raise QlightError("weight_bits is an empty plan: name at least one layer and its bits")
+            check_bits(weight_bits, "weight_bits")
         check_granularity(granularity)
         if start_epoch < 0:
             raise QlightError(f"start_epoch must be 0 or more, got {start_epoch}")
