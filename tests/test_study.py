@@ -15,6 +15,7 @@ from qlight.cli import main
 from qlight.quantization.mixed_precision import realised_plan
 from qlight.study import cast_outcomes, epochs_to_match, first_bits_with_gap, fit_bit_curve
 from qlight.study.report import build_report
+from qlight.study.runner import Study, build_parser
 from qlight.tables import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,10 +204,47 @@ def test_changing_a_later_stage_keeps_the_earlier_ones_and_overwrite_touches_onl
     assert "[study] baseline: skipped" in out and "[study] ptq: skipped" in out and "[study] qat_int4: done" in out
     assert (root / "baseline" / "baseline.ckpt").read_bytes() == baseline
     assert len(read_csv(root / "qat_int4" / "results.csv")) == 3  # two epochs and the converted row
-    assert (root / "notes.txt").read_text() == "mine" and (
-        root / "qat_int4" / "analysis.ipynb"
-    ).read_text() == "mine too"
+    assert (root / "notes.txt").read_text() == "mine"
+    assert (root / "qat_int4" / "analysis.ipynb").read_text() == "mine too"
     assert "analysis.ipynb" not in json.loads((root / "qat_int4" / "stage.json").read_text())["files"]
+
+    # A stage result deleted after the fact: the report says so and the exit code too; running the
+    # stage redoes it although its marker says done.
+    (root / "ptq" / "results.csv").unlink()
+    capsys.readouterr()
+    assert study(tmp_path, "--stages=[report]", "--qat.bits=[4]", "--qat.epochs=2", rtn) == 1
+    assert "ptq/results.csv is missing" in (root / "report.md").read_text()
+    assert "ptq" in capsys.readouterr().err
+    assert study(tmp_path, "--stages=[ptq, report]", "--qat.bits=[4]", "--qat.epochs=2", rtn) == 0
+    assert "[study] ptq: results.csv is missing, running it again" in capsys.readouterr().out
+    assert (root / "ptq" / "results.csv").is_file()
+
+
+def test_input_files_enter_the_fingerprints_by_content(tmp_path):
+    ckpt, plan = tmp_path / "base.ckpt", tmp_path / "plan.json"
+    ckpt.write_bytes(b"weights A")
+    plan.write_text(json.dumps({"model.features.0": 4}))
+    args = [f"--config={ROOT / 'configs/study_smoke.yaml'}", f"--baseline.ckpt={ckpt}"]
+    config = build_parser().parse_args([*args, f"--ptq.recipes=[fp32, mixed@{plan}]", "--qat.plans=[]"])
+
+    def fingerprints():
+        return {stage.name: stage.fingerprint for stage in Study(config).stages()}
+
+    before = fingerprints()
+    plan.write_text(json.dumps({"model.features.0": 2}))  # same path, another plan: PTQ is redone
+    after_plan = fingerprints()
+    assert after_plan["baseline"] == before["baseline"] and after_plan["ptq"] != before["ptq"]
+    ckpt.write_bytes(b"weights B")  # same path, other weights: everything built on them is redone
+    after_ckpt = fingerprints()
+    assert all(after_ckpt[name] != after_plan[name] for name in after_ckpt if not name.startswith("precision"))
+
+
+def test_a_plan_for_another_model_is_refused_before_the_baseline_trains(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"model.0": 3}))
+    assert study(tmp_path, f"--ptq.recipes=[fp32, mixed@{plan}]") == 2
+    assert "names 'model.0', not a quantizable layer of ImageClassifier" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ its ``checkpoints/last.ckpt``, saved every epoch. ``report`` is rebuilt from the
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import sys
@@ -36,7 +37,7 @@ from qlight.quantization import (
     StaticQuantizationAwareTraining,
 )
 from qlight.quantization.mixed_precision import MixedPrecision
-from qlight.quantization.recipes import BEST_METHOD, DEFAULT_GRANULARITY
+from qlight.quantization.recipes import BEST_METHOD, DEFAULT_GRANULARITY, quantizable_modules
 from qlight.study.numerics import PrecisionStats
 from qlight.study.report import FIGURES, build_report
 
@@ -114,6 +115,12 @@ class Stage:
     name: str  # also its folder
     fingerprint: dict[str, Any]  # the settings its results depend on
     run: Callable[[], None] = field(repr=False)
+    result: str = "results.csv"  # the file in its folder that the report reads
+
+    @property
+    def group(self) -> str:
+        """Its name in ``--stages``."""
+        return self.name.split("_")[0]
 
 
 def _plain(value: Any) -> Any:
@@ -126,6 +133,20 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return marker if isinstance(marker, dict) else None
+
+
+def _sha256(path: str | Path | None) -> str | None:
+    """The SHA-256 of the file at ``path`` (``None`` for no path or a file that cannot be read)."""
+    if not path:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _files(folder: Path) -> set[str]:
@@ -177,17 +198,19 @@ class Study:
     def stages(self) -> list[Stage]:
         """Every stage of this configuration, in order (the report is not one: it is always rebuilt)."""
         cfg = self.config
-        baseline = {**self._common(), "baseline": _plain(cfg.baseline)}
+        # Input files enter by content: the same path with other bytes redoes the stages built on it.
+        baseline = {**self._common(), "baseline": _plain({**cfg.baseline, "ckpt_sha256": self._inputs["ckpt"]})}
+        ptq = _plain({**cfg.ptq, "plans_sha256": self._inputs["plans"]})
         stages = [
-            Stage("baseline", baseline, self.train_baseline),
-            Stage("ptq", {"baseline": baseline, "ptq": _plain(cfg.ptq)}, self.run_ptq),
+            Stage("baseline", baseline, self.train_baseline, "baseline.json"),
+            Stage("ptq", {"baseline": baseline, "ptq": ptq}, self.run_ptq),
         ]
         qat = {"epochs": cfg.qat.epochs, "lr": cfg.qat.lr}
         for bits in cfg.qat.bits:
             fingerprint = {"baseline": baseline, "qat": {**qat, "bits": bits}}
             stages.append(Stage(f"qat_int{bits}", fingerprint, functools.partial(self.run_qat, bits)))
         for recipe in cfg.qat.plans:  # the plan comes from the PTQ stage
-            fingerprint = {"baseline": baseline, "ptq": _plain(cfg.ptq), "qat": {**qat, "plan": recipe}}
+            fingerprint = {"baseline": baseline, "ptq": ptq, "qat": {**qat, "plan": recipe}}
             stages.append(Stage(f"qat_{recipe}", fingerprint, functools.partial(self.run_qat, recipe)))
         if cfg.qat.static:
             fingerprint = {"baseline": baseline, "qat": {**qat, "static": True}}
@@ -195,11 +218,18 @@ class Study:
         precision = {"epochs": cfg.precision.epochs, "sample_every_n_steps": cfg.precision.sample_every_n_steps}
         for name in self.precisions():
             fingerprint = {**self._common(), "precision": {**precision, "precision": name}}
-            stages.append(Stage(f"precision_{name}", fingerprint, functools.partial(self.run_precision, name)))
+            run = functools.partial(self.run_precision, name)
+            stages.append(Stage(f"precision_{name}", fingerprint, run, "summary.json"))
         return stages
 
+    @functools.cached_property
+    def _inputs(self) -> dict[str, Any]:
+        """SHA-256 of the input files: the baseline checkpoint and the PTQ plan files."""
+        plans = [r for r in self._ptq().recipes if isinstance(r, MixedPrecision) and r.plan_file is not None]
+        return {"ckpt": _sha256(self.config.baseline.ckpt), "plans": {r.name: _sha256(r.plan_file) for r in plans}}
+
     def selected(self, stage: Stage) -> bool:
-        return stage.name.split("_")[0] in self.config.stages
+        return stage.group in self.config.stages
 
     def on_gpu(self) -> bool:
         return torch.cuda.is_available() and self.config.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
@@ -222,18 +252,24 @@ class Study:
                 raise QlightError(f"{key} must be at least 1, got {cfg[key]}")
         if cfg.baseline.ckpt and not Path(cfg.baseline.ckpt).is_file():
             raise QlightError(f"baseline checkpoint {cfg.baseline.ckpt} does not exist")
-        ptq = self._ptq()
         for bits in cfg.qat.bits:
             QuantizationAwareTraining(weight_bits=bits)
-        mixed = [r.name for r in ptq.recipes if isinstance(r, MixedPrecision)]
-        for recipe in cfg.qat.plans:
-            if recipe not in mixed:
+        self._validate_plans(self._ptq(), self._model(lr=cfg.qat.lr))
+        CIFAR100DataModule(**cfg.data.as_dict())
+
+    def _validate_plans(self, ptq: PostTrainingQuantization, model: ImageClassifier) -> None:
+        """PTQ's plan files fit the model, and QAT's plans come from mixed PTQ recipes."""
+        mixed = [r for r in ptq.recipes if isinstance(r, MixedPrecision)]
+        targets = quantizable_modules(model, ptq.keep_first, ptq.keep_last)
+        for recipe in mixed:
+            recipe.check(model, targets)  # a plan for another model fails before the baseline trains
+        names = [r.name for r in mixed]
+        for recipe in self.config.qat.plans:
+            if recipe not in names:
                 raise QlightError(
                     f"--qat.plans names {recipe!r}, which PTQ does not run; its mixed-precision recipes: "
-                    f"{', '.join(mixed) or 'none (add one such as mixed@2.5 to --ptq.recipes)'}"
+                    f"{', '.join(names) or 'none (add one such as mixed@2.5 to --ptq.recipes)'}"
                 )
-        self._model(lr=cfg.qat.lr)
-        CIFAR100DataModule(**cfg.data.as_dict())
 
     # --- the directory -----------------------------------------------------------------------
     def _claim_directory(self, stages: list[Stage]) -> None:
@@ -311,8 +347,10 @@ class Study:
         marker_path = folder / "stage.json"
         marker = _read_marker(marker_path)
         if marker and marker.get("done") and marker.get("fingerprint") == stage.fingerprint:
-            print(f"[study] {stage.name}: skipped (done)", flush=True)
-            return
+            if (folder / stage.result).is_file():
+                print(f"[study] {stage.name}: skipped (done)", flush=True)
+                return
+            print(f"[study] {stage.name}: {stage.result} is missing, running it again", flush=True)
         resuming = (folder / "checkpoints" / "last.ckpt").is_file()
         print(f"[study] {stage.name}: {'resuming' if resuming else 'running'}", flush=True)
         # What was in the folder before the stage first ran is not the stage's (a resumed stage keeps
@@ -348,10 +386,16 @@ class Study:
             if self.selected(stage):
                 self._run_stage(stage)
         if "report" in self.config.stages:
-            self._build_report()
+            self._build_report(stages)
         return 1 if self.errors else 0
 
-    def _build_report(self) -> None:
+    def _build_report(self, stages: list[Stage]) -> None:
+        for stage in stages:  # a report without the results of a stage that ran says so, and the exit code too
+            result = self.dir / stage.name / stage.result
+            ran = self.selected(stage) or (self.dir / stage.name / "stage.json").is_file()
+            if ran and stage.name not in self.errors and not result.is_file():
+                self.errors[stage.name] = f"no results: {result} is missing; run it (--stages [{stage.group}, report])"
+        atomic_write_text(self.dir / "errors.json", json.dumps(self.errors, indent=2))
         print("[study] report: running", flush=True)
         start = time.perf_counter()
         try:
