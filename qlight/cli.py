@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
+import yaml
+from jsonargparse import set_loader
+from jsonargparse._loaders_dumpers import yaml_load
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -43,9 +47,18 @@ def _qlight_error(err: BaseException) -> QlightError | None:
     return None
 
 
+def _yaml_without_aliases(stream: str) -> Any:
+    """jsonargparse's YAML loader, after a pass over the events (no expansion, linear time) that
+    refuses aliases: nine nested ``*alias`` lists (a "billion laughs") expand to gigabytes."""
+    if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(stream, Loader=yaml.SafeLoader)):
+        raise yaml.YAMLError("qlight configs take no YAML aliases (*name): write the values out")
+    return yaml_load(stream)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point; user errors end as one ``error: ...`` line and exit code 2."""
     argv = sys.argv[1:] if args is None else list(args)
+    set_loader("yaml", _yaml_without_aliases, exceptions=(yaml.YAMLError,))
     try:
         if argv[:1] == ["study"]:
             from qlight.study.runner import study_main

@@ -70,7 +70,7 @@ def load_torch_file(path: str | Path, what: str = "file", map_location: str | to
                 f"qlight does not unpickle; if you trust the file, allow it: {SAFE_GLOBALS_ENV}={unsafe.group(1)}"
             ) from None
         raise QlightError(f"{what} {path} is not a PyTorch file or is corrupt") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile):
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile):
         raise QlightError(f"{what} {path} is not a PyTorch file or is truncated") from None
 
 

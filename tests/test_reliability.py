@@ -148,6 +148,18 @@ def first_weight(payload):
         (lambda p: p["model"].update(class_path="this.Zen"), "asks to import this, which is not imported"),
         (lambda p: p["model"].update(class_path=""), "names no model class"),
         (lambda p: p["model"].update(class_path="qlight.nowhere.Model"), "cannot be imported"),
+        (lambda p: p["state_dict"]["model.classifier.6.bias"].fill_(float("nan")), "classifier.6.bias holds NaN"),
+        (lambda p: p["state_dict"]["model.features.1.running_var"].fill_(float("inf")), "running_var holds NaN or Inf"),
+        (
+            lambda p: p["state_dict"].update({"model.classifier.6.bias": torch.zeros(10, dtype=torch.int64)}),
+            "is torch.int64",
+        ),
+        (
+            lambda p: first_weight(p).update(codes=torch.zeros(1, dtype=torch.uint8)),
+            "does not hold 4-bit codes for shape",
+        ),
+        (lambda p: p["model"]["init_args"].update(num_classes=10**9), "model.classifier.6.weight has shape"),
+        (lambda p: p["model"]["init_args"].update(num_classes=-1), "cannot rebuild qlight.classifier.ImageClassifier"),
     ],
 )
 def test_an_edited_file_is_refused_in_one_line(int4_file, edit, message):
@@ -165,6 +177,13 @@ def test_broken_files_and_another_architecture_are_one_line(int4_file, tmp_path)
     random = tmp_path / "random.pt"
     random.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
     for path in (truncated, random):
+        with pytest.raises(QlightError, match="not a PyTorch file"):
+            load_quantized(path)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a model, just words\n")  # torch's weights-only unpickler raised IndexError on this
+    passwd = tmp_path / "passwd.pt"
+    passwd.symlink_to("/etc/passwd")
+    for path in (text, passwd):
         with pytest.raises(QlightError, match="not a PyTorch file"):
             load_quantized(path)
     corrupt = tmp_path / "corrupt.pt2"
@@ -311,3 +330,46 @@ def test_bad_cli_settings_end_in_one_error_line(tmp_path, monkeypatch, capsys, a
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err[-1].startswith("error: ") and message in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+BILLION_LAUGHS = "\n".join(
+    [
+        'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]',
+        *(f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi", strict=True)),
+    ]
+)
+
+
+@pytest.mark.parametrize("command", [SMOKE_PTQ, ["study", "--config", str(ROOT / "configs/study_smoke.yaml")]])
+def test_a_config_with_yaml_aliases_is_refused_before_it_expands(tmp_path, monkeypatch, capsys, command):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BILLION_LAUGHS)  # 9 levels of 9 aliases: 387 million strings once expanded
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--config", str(bomb)])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("qlight configs take no YAML aliases (*name): write the values out")
+    )
+
+
+def test_a_text_file_as_baseline_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    notes = tmp_path / "notes.ckpt"
+    notes.write_text("a baseline? no, my notes\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                *SMOKE_QAT,
+                f"--trainer.callbacks.init_args.baseline_ckpt={notes}",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+            ]
+        )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        exit_info.value.code == 2
+        and err[-1] == f"error: baseline checkpoint {notes} is not a PyTorch file or is truncated"
+    )

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from qlight import (
+    CIFAR100DataModule,
     ImageClassifier,
     PostTrainingQuantization,
     QlightError,
@@ -286,7 +287,12 @@ def test_bad_input_is_one_line(tmp_path):
     for settings, message in refusals:
         with pytest.raises(QlightError, match=message):
             trainer(tmp_path, max_epochs=1, **settings).fit(classifier(), DigitsData())
-    for compiled in (lambda m: torch.compile(m, backend="aot_eager"), lambda m: m.compile(backend="aot_eager") or m):
+    compilations = (
+        lambda m: torch.compile(m, backend="aot_eager"),
+        lambda m: m.compile(backend="aot_eager") or m,
+        lambda m: m.model.compile(backend="aot_eager") or m,  # what ImageClassifier(compile=True) does
+    )
+    for compiled in compilations:
         with pytest.raises(QlightError, match="pass the LightningModule uncompiled"):
             fit = trainer(tmp_path, [StaticQuantizationAwareTraining()], max_epochs=1)
             fit.fit(compiled(classifier()), DigitsData())
@@ -337,3 +343,15 @@ def test_the_network_is_prepared_with_an_example_on_its_own_device(tmp_path, mon
     model = classifier()
     trainer(tmp_path, [AcceleratorDuringSetup(), qat], max_steps=2, limit_val_batches=0).fit(model, DigitsData())
     assert seen == [{torch.device("cpu")}] and pt2e_qat.is_prepared(model.model)
+
+
+def test_w8a8_qat_and_ptq_int8_static_work_at_batch_size_1(tmp_path):
+    data = CIFAR100DataModule(batch_size=1, val_size=2, synthetic=True, synthetic_train_size=8, synthetic_test_size=3)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 100))
+    qat = StaticQuantizationAwareTraining(eval_every_epoch=False, output_dir=str(tmp_path / "qat"))
+    trainer(tmp_path, [qat], max_steps=3, limit_val_batches=0).fit(ImageClassifier(copy.deepcopy(net), lr=0.01), data)
+    ptq = PostTrainingQuantization(["int8_static"], calibration_batches=1, output_dir=str(tmp_path / "ptq"))
+    trainer(tmp_path, [ptq]).test(ImageClassifier(net), data, verbose=False)
+    x = torch.randn(1, 3, 32, 32)
+    assert load_quantized(tmp_path / "qat" / "model.pt2")(x).shape == (1, 100)
+    assert "error" not in ptq.results[-1] and load_quantized(tmp_path / "ptq" / "int8_static.pt2")(x).shape == (1, 100)

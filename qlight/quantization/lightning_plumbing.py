@@ -40,9 +40,10 @@ def eval_copy(pl_module: LightningModule) -> LightningModule:
 
 
 def is_compiled(pl_module: LightningModule) -> bool:
-    """Whether ``pl_module`` runs under ``torch.compile``: Lightning's ``from_compiled`` (what
-    ``trainer.fit(torch.compile(m))`` does) or ``pl_module.compile()``."""
-    return pl_module._compiler_ctx is not None or pl_module._compiled_call_impl is not None
+    """Whether ``pl_module`` or a module in it runs under ``torch.compile``: Lightning's
+    ``from_compiled`` (what ``trainer.fit(torch.compile(m))`` does), or ``compile()`` of the module or
+    of a part (``ImageClassifier(compile=True)`` compiles its backbone)."""
+    return pl_module._compiler_ctx is not None or any(m._compiled_call_impl is not None for m in pl_module.modules())
 
 
 def load_checkpoint_weights(pl_module: LightningModule, path: str | Path, what: str = "checkpoint") -> None:

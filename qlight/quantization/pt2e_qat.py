@@ -79,8 +79,6 @@ def prepare(net: nn.Module, example: Tensor, quantizer) -> GraphModule:
     """
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    if len(example) < 2:  # export specializes a size-1 dimension to a constant
-        example = example[:1].expand(2, *example.shape[1:]).contiguous()
     was_training = net.training
     net.train()  # the graph records batch_norm(training=True); set_phase flips it
     try:

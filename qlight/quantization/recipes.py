@@ -288,6 +288,8 @@ class StaticPT2E:
 
 def export_batched(model: nn.Module, example: Tensor, strict: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` with a dynamic batch dimension, so any batch size runs the graph."""
+    if len(example) < 2:  # export specializes a size-1 dimension to a constant
+        example = example[:1].expand(2, *example.shape[1:]).contiguous()
     return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=strict)
 
 

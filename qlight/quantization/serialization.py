@@ -133,7 +133,7 @@ def _model_class(class_path: Any, trusted_modules: Sequence[str], path: Path) ->
     return cls
 
 
-def _instantiate(spec: Any, trusted_modules: Sequence[str], path: Path) -> nn.Module:
+def _instantiate(spec: Any, trusted_modules: Sequence[str], path: Path, device: str = "cpu") -> nn.Module:
     if not isinstance(spec, dict):
         raise QlightError(f"{path} does not say which model it holds: pass load_quantized(path, model=...)")
     cls = _model_class(spec.get("class_path"), trusted_modules, path)
@@ -144,9 +144,10 @@ def _instantiate(spec: Any, trusted_modules: Sequence[str], path: Path) -> nn.Mo
         )
     # LightningCLI adds private entries (``_instantiator``, ``_class_path``) to the hyperparameters.
     try:
-        return cls(**{key: value for key, value in spec["init_args"].items() if not key.startswith("_")})
-    except (TypeError, ValueError, QlightError) as err:
-        raise QlightError(f"{path}: cannot rebuild {spec['class_path']} ({err})") from None
+        with torch.device(device):
+            return cls(**{key: value for key, value in spec["init_args"].items() if not key.startswith("_")})
+    except (TypeError, ValueError, RuntimeError, OverflowError, QlightError) as err:
+        raise QlightError(f"{path}: cannot rebuild {spec['class_path']} ({str(err).splitlines()[0][:200]})") from None
 
 
 def _quantized_weight(
@@ -165,7 +166,10 @@ def _quantized_weight(
         raise bad(f"holds {bits}-bit codes, but {source} gives it {expected_bits} bits")
     if shape != tuple(model_weight.shape):
         raise bad(f"has shape {shape}, the model's weight {tuple(model_weight.shape)}: another architecture?")
-    codes = entry["codes"] if bits == 8 else unpack_bits(entry["codes"], bits, shape)
+    try:
+        codes = entry["codes"] if bits == 8 else unpack_bits(entry["codes"], bits, shape)
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        raise bad(f"does not hold {bits}-bit codes for shape {shape}") from None
     qmin, qmax = code_range(bits)
     if codes.shape != shape or codes.dtype != torch.int8 or codes.min() < qmin or codes.max() > qmax:
         raise bad(f"holds codes outside {bits}-bit range [{qmin}, {qmax}]")
@@ -183,9 +187,8 @@ def _quantized_weight(
         raise bad(str(err)) from None
 
 
-def _restore(model: nn.Module, state: dict[str, Any], bits: Mapping[str, int], source: str, path: Path) -> None:
-    """Load ``state`` into ``model``, each packed weight checked against the ``bits`` that ``source``
-    gives its layer."""
+def _check_shapes(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Every entry of ``state`` has the name and shape of ``model``'s (packed weights: their ``shape``)."""
     current = model.state_dict()
     missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
     if missing or unexpected:
@@ -193,6 +196,19 @@ def _restore(model: nn.Module, state: dict[str, Any], bits: Mapping[str, int], s
             f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
             "another architecture?"
         )
+    for key, value in state.items():
+        shape = value.get("shape") if isinstance(value, dict) else getattr(value, "shape", None)
+        if not isinstance(shape, (tuple, list, torch.Size)) or tuple(shape) != tuple(current[key].shape):
+            raise QlightError(
+                f"{path}: {key} has shape {shape}, the model's {tuple(current[key].shape)}: another architecture?"
+            )
+
+
+def _restore(model: nn.Module, state: dict[str, Any], bits: Mapping[str, int], source: str, path: Path) -> None:
+    """Load ``state`` into ``model``, each packed weight checked against the ``bits`` that ``source``
+    gives its layer and every other tensor against the model's dtype, and for NaN or Inf."""
+    _check_shapes(model, state, path)
+    current = model.state_dict()
     plain = {}
     for key, value in state.items():
         if isinstance(value, dict):
@@ -202,10 +218,18 @@ def _restore(model: nn.Module, state: dict[str, Any], bits: Mapping[str, int], s
             set_weight(
                 model.get_submodule(layer), _quantized_weight(value, key, current[key], bits[layer], source, path)
             )
-        elif not torch.is_tensor(value) or value.shape != current[key].shape:
-            raise QlightError(f"{path}: {key} does not match the model's {tuple(current[key].shape)}")
-        else:
-            plain[key] = value
+            continue
+        expected = current[key].dtype
+        same_kind = torch.is_tensor(value) and (
+            value.dtype == expected or value.is_floating_point() == expected.is_floating_point
+        )
+        if not same_kind:  # a float cast keeps its own float dtype; anything else is the model's
+            raise QlightError(
+                f"{path}: {key} is {getattr(value, 'dtype', type(value).__name__)}, the model's {expected}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise QlightError(f"{path}: {key} holds NaN or Inf")
+        plain[key] = value
     model.load_state_dict(plain, strict=False, assign=True)
 
 
@@ -350,7 +374,10 @@ def load_quantized(
         raise QlightError(f"{path}: {err}") from None
     if recipe.static or not isinstance(payload.get("state_dict"), dict):
         raise QlightError(f"{path} is not a qlight quantized model file")
-    model = (model if model is not None else _instantiate(payload.get("model"), trusted_modules, path)).to(map_location)
+    if model is None:  # built on the meta device first: hyperparameters that ask for huge tensors allocate nothing
+        _check_shapes(_instantiate(payload.get("model"), trusted_modules, path, "meta"), payload["state_dict"], path)
+        model = _instantiate(payload.get("model"), trusted_modules, path)
+    model = model.to(map_location)
     targets = quantizable_modules(model)
     if isinstance(recipe, MixedPrecision):
         plan = payload.get("plan")

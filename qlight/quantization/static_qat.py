@@ -183,7 +183,7 @@ class StaticQuantizationAwareTraining(QATResults):
         if is_compiled(pl_module):
             raise QlightError(
                 "StaticQuantizationAwareTraining runs PT2E's prepared graph, which torch.compile cannot trace "
-                "(its observers resize their buffers): pass the LightningModule uncompiled"
+                "(its observers resize their buffers): pass the LightningModule uncompiled (--model.compile false)"
             )
         network = self._network(pl_module)
         if not pt2e_qat.is_prepared(network):
