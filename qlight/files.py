@@ -58,7 +58,9 @@ def load_torch_file(path: str | Path, what: str = "file", map_location: str | to
     one-line :class:`QlightError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise QlightError(f"{what} {path} does not exist")
+        raise QlightError(
+            f"{what} {path} is a folder, not a file" if path.is_dir() else f"{what} {path} does not exist"
+        )
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)

@@ -373,3 +373,29 @@ def test_a_text_file_as_baseline_checkpoint_is_one_line(tmp_path, monkeypatch, c
         exit_info.value.code == 2
         and err[-1] == f"error: baseline checkpoint {notes} is not a PyTorch file or is truncated"
     )
+
+
+def test_a_second_ptq_run_into_a_folder_leaves_no_stale_file_of_the_first(tmp_path, digits_checkpoint):
+    out = tmp_path / "ptq"
+    model = DigitsNet.load_from_checkpoint(digits_checkpoint)
+    for recipes in (["int8", "int4", "mixed@3"], ["int8"]):
+        ptq = PostTrainingQuantization(recipes, output_dir=str(out), speed_repeats=0, calibration_batches=2)
+        trainer(tmp_path, [ptq]).test(model, verbose=False)
+        (out / "notes.txt").write_text("mine")
+    assert {p.name for p in out.iterdir()} == {
+        "fp32.pt",
+        "int8.pt",
+        "results.csv",
+        "results.md",
+        "ptq_files.json",
+        "notes.txt",
+    }
+
+
+def test_calibration_without_a_training_batch_and_a_folder_as_checkpoint_say_what_is_wrong(tmp_path):
+    data = CIFAR100DataModule(batch_size=32, val_size=1, synthetic=True, synthetic_train_size=2, synthetic_test_size=4)
+    ptq = PostTrainingQuantization(["int8_static"], output_dir=str(tmp_path / "ptq"), speed_repeats=0)
+    with pytest.raises(QlightError, match="the training loader gave no batch to calibrate with"):
+        trainer(tmp_path, [ptq]).test(ImageClassifier(), data, verbose=False)
+    with pytest.raises(QlightError, match=f"baseline checkpoint {tmp_path} is a folder, not a file"):
+        QuantizationAwareTraining(baseline_ckpt=str(tmp_path)).setup(trainer(tmp_path), DigitsNet(), "fit")

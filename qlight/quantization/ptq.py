@@ -50,6 +50,7 @@ from qlight.quantization.serialization import quantized_bytes
 from qlight.quantization.speed import measure_speed
 from qlight.tables import markdown_table, write_results
 
+MANIFEST = "ptq_files.json"  # the files the last run wrote into the output folder
 COLUMNS = [
     "recipe",
     "bits",
@@ -240,6 +241,11 @@ class PostTrainingQuantization(Callback):
             calibration = [
                 x.cpu() for x, _ in transferred_batches(trainer, pl_module, loader, self.calibration_batches)
             ]
+            if not calibration:
+                raise QlightError(
+                    "PTQ: the training loader gave no batch to calibrate with (fewer training images than one batch "
+                    "when it drops incomplete batches?): give it more images or a smaller batch size"
+                )
         out = output_dir(trainer, self.output_dir, "ptq")
         inputs = _RunInputs(source, targets, calibration, example_input(trainer, pl_module), out)
         with exclusive_dir(out, "PostTrainingQuantization") if trainer.is_global_zero else contextlib.nullcontext():
@@ -248,6 +254,7 @@ class PostTrainingQuantization(Callback):
             table = markdown_table(self.results, COLUMNS)
             if trainer.is_global_zero:
                 write_results(out, "Post-training quantization", self.results, COLUMNS)
+                _replace_manifest(out, inputs.written | {"results.csv", "results.md", MANIFEST})
                 rank_zero_info(f"PTQ results ({out / 'results.csv'}):\n{table}")
         metrics = {
             f"ptq/{row['recipe']}/{key}": float(row[key])
@@ -291,6 +298,7 @@ class PostTrainingQuantization(Callback):
             payload = quantized_bytes(model, recipe, inputs.targets, inputs.source, example)
             if self.save_models and trainer.is_global_zero:
                 atomic_write_bytes(inputs.out / f"{recipe.name}{recipe.suffix}", payload)
+                inputs.written.add(f"{recipe.name}{recipe.suffix}")
             if isinstance(recipe, MixedPrecision):
                 row["bits"] = round(average_bits(model), 3)
                 self._write_plan(trainer, recipe, model, inputs.calibration_on(device), inputs)
@@ -316,12 +324,27 @@ class PostTrainingQuantization(Callback):
         if not trainer.is_global_zero:
             return
         atomic_write_text(inputs.out / f"{recipe.name}.plan.json", json.dumps(self.plans[recipe.name], indent=1) + "\n")
+        inputs.written.add(f"{recipe.name}.plan.json")
         if recipe.plan_file is None:
+            inputs.written.update(f"{recipe.name}.sensitivity.{kind}" for kind in ("csv", "png"))
             rows = recipe.sensitivity(inputs.source, inputs.targets, calibration)
             title = f"{recipe.name}: KL divergence from fp32 (log)"
             write_sensitivity(
                 trainer, rows, inputs.out / f"{recipe.name}.sensitivity", f"ptq/sensitivity/{recipe.name}", title
             )
+
+
+def _replace_manifest(out: Path, written: set[str]) -> None:
+    """Record the files this run wrote into ``out`` and delete those an earlier run recorded there that
+    this one did not write again (a recipe dropped or failed now): no stale model beside a new table."""
+    try:
+        previous = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        previous = []
+    for name in set(previous if isinstance(previous, list) else []) - written:
+        if isinstance(name, str) and Path(name).name == name and name not in ("", ".", ".."):
+            (out / name).unlink(missing_ok=True)
+    atomic_write_text(out / MANIFEST, json.dumps(sorted(written), indent=1))
 
 
 def _expand(recipes: Sequence[str], granularities: list[str], methods: list[str]) -> list[Recipe]:
@@ -382,6 +405,7 @@ class _RunInputs:
     example: torch.Tensor  # one test batch, to export static graphs
     out: Path
     calibrations: dict[torch.device, Calibration] = field(default_factory=dict)
+    written: set[str] = field(default_factory=set)  # file names in ``out``
 
     def calibration_on(self, device: torch.device) -> Calibration:
         """The calibration batches on ``device``; one per device and run, so that what methods derive
