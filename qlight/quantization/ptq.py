@@ -141,7 +141,7 @@ class PostTrainingQuantization(Callback):
         >>> [(row["recipe"], row["bits"], row["quantized_modules"]) for row in ptq.results]
         [('fp32', 32, 0), ('int8', 8, 2), ('int4', 4, 2)]
         >>> sorted(path.name for path in Path("ptq").iterdir())
-        ['fp32.pt', 'int4.pt', 'int8.pt', 'results.csv', 'results.md']
+        ['fp32.pt', 'int4.pt', 'int8.pt', 'ptq_files.json', 'results.csv', 'results.md']
     """
 
     def __init__(
