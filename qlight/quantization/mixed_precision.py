@@ -10,27 +10,34 @@ rounding, grouping and correction works per layer as it does uniformly.
 from __future__ import annotations
 
 import copy
-import json
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchao.quantization import IntxUnpackedToInt8Tensor
 
 from qlight.errors import QlightError
 from qlight.quantization.bit_allocation import Plan, allocate_bits
-from qlight.quantization.intx import MAX_BITS, MIN_BITS, dtype_bits, groupable
+from qlight.quantization.intx import MAX_BITS, MIN_BITS, groupable
 from qlight.quantization.methods import remembered
-from qlight.quantization.recipes import DEFAULT_GRANULARITY, IntxWeightOnly
+from qlight.quantization.plans import check_plan, read_plan
+from qlight.quantization.recipes import (
+    DEFAULT_GRANULARITY,
+    GRANULARITIES,
+    Granularity,
+    IntxWeightOnly,
+    check_granularity,
+    parse_method,
+    register_recipe,
+)
 from qlight.quantization.sensitivity import layer_sensitivity, weight_bytes
 
 CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
-MAX_PLAN_BYTES = 2**20
+_MIXED = re.compile(r"mixed@(\d+(?:\.\d+)?(?:MiB)?|.+?\.json)((?:\+\w+)*)(?:@(\w+))?")
 ALIGNMENT = 64  # torch.save aligns every tensor record to 64 bytes: a plan's bytes can move by that much
 
 
@@ -50,6 +57,7 @@ class MixedPrecision:
 
     budget: str
     base: IntxWeightOnly = IntxWeightOnly(MAX_BITS)
+    per_layer = True
     static = False
     input_dtype = torch.float32
     runtime = "eager"
@@ -185,62 +193,21 @@ def _ceil(mib: float) -> str:
     return f"{math.ceil(mib * 10**digits) / 10**digits:.{digits}f}"
 
 
-def read_plan(path: Path) -> Plan:
-    """A plan file: a non-empty JSON object of layer name -> bits (2..8), at most 1 MiB."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_PLAN_BYTES:
-            raise QlightError(f"{path} holds {size:,} bytes: a plan is a JSON object of layer -> bits, at most 1 MiB")
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise QlightError(f"no plan file at {path}: write a JSON object of layer -> bits") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also 5,000-digit numbers
-        reason = f"{type(err).__name__}: {str(err)[:100]}"
-        raise QlightError(f"{path} is not a JSON plan of layer -> bits ({reason})") from None
-    if not isinstance(plan, dict) or not plan:
-        raise QlightError(f"{path} is not a JSON plan: write a non-empty object of layer -> bits")
-    check_bits(plan, str(path))
-    return plan
+def _budget(text: str) -> str:
+    """A budget written one way: ``3.0`` -> ``3``, ``1.50MiB`` -> ``1.5MiB``; plan paths as given."""
+    if text.endswith(".json"):
+        return text
+    unit = "MiB" if text.endswith("MiB") else ""
+    return f"{float(text.removesuffix(unit)):g}{unit}"
 
 
-def _short(name: str) -> str:
-    return repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name):,} characters)"
-
-
-def check_bits(plan: Mapping[str, Any], source: str) -> None:
-    """Every layer of ``plan`` has a whole number of bits in 2..8."""
-    for name, bits in plan.items():
-        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-            shown = repr(bits) if isinstance(bits, (int, float, str, bool)) and len(repr(bits)) < 40 else "a value"
-            raise QlightError(f"plan {source} gives {_short(name)} {shown} bits: bits are whole numbers 2..8")
-
-
-def check_plan(plan: Mapping[str, int], model: nn.Module, targets: Sequence[str], source: str) -> None:
-    """Every layer of ``plan`` is one of ``targets`` and has 2..8 bits; the error lists the layers."""
-    check_bits(plan, source)
-    unknown = [name for name in plan if name not in targets]
-    if unknown:
-        raise QlightError(
-            f"plan {source} names {_short(unknown[0])}, not a quantizable layer of {type(model).__name__}; its "
-            f"quantizable layers: {', '.join(targets)}"
-        )
-
-
-def realised_plan(model: nn.Module) -> Plan:
-    """The bits each quantized weight of ``model`` holds, by layer name."""
-    return {
-        name: dtype_bits(module.weight.target_dtype)
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "weight", None), IntxUnpackedToInt8Tensor)
-    }
-
-
-def average_bits(model: nn.Module) -> float:
-    """Bits per quantized weight of ``model``, weighted by the weights' sizes."""
-    sizes = {
-        name: module.weight.numel()
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "weight", None), IntxUnpackedToInt8Tensor)
-    }
-    plan = realised_plan(model)
-    return sum(plan[name] * count for name, count in sizes.items()) / max(1, sum(sizes.values()))
+@register_recipe(
+    "mixed@<average bits>, mixed@<size>MiB or mixed@<plan>.json [+<method>][@<granularity>]: bits per layer"
+)
+def _mixed(name: str, granularity: Granularity, method: str) -> MixedPrecision | None:
+    match = _MIXED.fullmatch(name)
+    if not (match and match.group(3) in (None, *GRANULARITIES)):
+        return None
+    methods = parse_method(match.group(2)[1:]) if match.group(2) else parse_method(method)
+    base = IntxWeightOnly(MAX_BITS, match.group(3) or check_granularity(granularity), **methods)
+    return MixedPrecision(_budget(match.group(1)), base)

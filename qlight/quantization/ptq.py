@@ -34,7 +34,8 @@ from qlight.quantization.lightning_plumbing import (
     transferred_batches,
 )
 from qlight.quantization.methods import Calibration
-from qlight.quantization.mixed_precision import MixedPrecision, average_bits, realised_plan
+from qlight.quantization.mixed_precision import MixedPrecision
+from qlight.quantization.plans import average_bits, realised_plan
 from qlight.quantization.recipes import (
     DEFAULT_GRANULARITY,
     FloatCast,

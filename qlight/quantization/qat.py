@@ -32,7 +32,8 @@ from qlight.quantization.lightning_plumbing import (
     log_to_loggers,
     non_finite_tensors,
 )
-from qlight.quantization.mixed_precision import MixedPrecision, check_bits, check_plan, read_plan
+from qlight.quantization.mixed_precision import MixedPrecision
+from qlight.quantization.plans import check_bits, check_plan, read_plan
 from qlight.quantization.qat_results import QATResults, check_eval_split
 from qlight.quantization.recipes import IntxWeightOnly, Recipe, check_granularity, quantizable_modules
 from qlight.quantization.serialization import quantized_bytes

@@ -11,7 +11,7 @@ import dataclasses
 import operator
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -64,6 +64,10 @@ class Recipe(Protocol):
         """The recipe uses the calibration batches."""
 
     @property
+    def per_layer(self) -> bool:
+        """Bits differ per layer: the saved file carries the plan."""
+
+    @property
     def runtime(self) -> str:
         """What runs the quantized model: ``eager`` PyTorch, ``inductor`` (compiled), ``onnxruntime``."""
 
@@ -93,6 +97,7 @@ class FloatCast:
     dtype: torch.dtype
     static = False
     calibrated = False
+    per_layer = False
     granularity = ""
     method = "cast"
     runtime = "eager"
@@ -139,6 +144,7 @@ class IntxWeightOnly:
     bn_reestimation: bool = False
     bias_correction: bool = False
     static = False
+    per_layer = False
     input_dtype = torch.float32
     runtime = "eager"
     suffix = ".pt"
@@ -240,6 +246,7 @@ class StaticPT2E:
     runtime: Literal["eager", "inductor", "onnxruntime"] = "eager"
     static = True
     calibrated = True
+    per_layer = False
     input_dtype = torch.float32
     granularity = "per_channel"
     method = "pt2e"
@@ -337,7 +344,52 @@ _STATIC = {
     for suffix, runtime in (("", "eager"), ("_inductor", "inductor"), ("_onnx", "onnxruntime"))
 }
 _INT = re.compile(r"int(\d+)((?:\+\w+)*)(?:@(\w+))?")
-_MIXED = re.compile(r"mixed@(\d+(?:\.\d+)?(?:MiB)?|.+?\.json)((?:\+\w+)*)(?:@(\w+))?")
+
+# A recipe parser takes (name, default granularity, default method) and returns its recipe, or None
+# when the name is not of its kind; each kind registers one, with the grammar it reads, as torchao
+# pairs a config with a registered handler.
+RecipeParser = Callable[[str, Granularity, str], "Recipe | None"]
+_PARSERS: dict[str, RecipeParser] = {}
+
+
+def register_recipe(grammar: str) -> Callable[[RecipeParser], RecipeParser]:
+    """Register a recipe parser; ``grammar`` says what names it reads (listed in errors and
+    ``python -m qlight recipes``)."""
+
+    def register(parser: RecipeParser) -> RecipeParser:
+        _PARSERS[grammar] = parser
+        return parser
+
+    return register
+
+
+def recipe_grammar() -> list[str]:
+    """What each registered kind of recipe reads, one line each."""
+    return list(_PARSERS)
+
+
+@register_recipe(f"{', '.join(FLOAT_DTYPES)}: cast weights and inputs")
+def _float_cast(name: str, granularity: Granularity, method: str) -> Recipe | None:
+    return FloatCast(name, FLOAT_DTYPES[name]) if name in FLOAT_DTYPES else None
+
+
+@register_recipe(
+    f"int<{MIN_BITS}..{MAX_BITS}>[+<method>][@<granularity>]: weight-only, method {METHOD_HELP}, granularity "
+    f"{' or '.join(GRANULARITIES)}"
+)
+def _weight_only(name: str, granularity: Granularity, method: str) -> Recipe | None:
+    match = _INT.fullmatch(name)
+    if not (match and MIN_BITS <= int(match.group(1)) <= MAX_BITS and match.group(3) in (None, *GRANULARITIES)):
+        return None
+    methods = parse_method(match.group(2)[1:]) if match.group(2) else parse_method(method)
+    return IntxWeightOnly(int(match.group(1)), match.group(3) or check_granularity(granularity), **methods)
+
+
+@register_recipe(
+    f"{', '.join(_STATIC)}: static int8 activations through PT2E, run eagerly, by Inductor or ONNX Runtime"
+)
+def _static(name: str, granularity: Granularity, method: str) -> Recipe | None:
+    return _STATIC.get(name)
 
 
 def valid_recipe_names() -> list[str]:
@@ -345,8 +397,8 @@ def valid_recipe_names() -> list[str]:
 
 
 def parse_recipe(name: str, granularity: Granularity = DEFAULT_GRANULARITY, method: str = "rtn") -> Recipe:
-    """``fp32``, ``fp16``, ``bf16``, ``int2``..``int8`` (weight-only), the static recipes, or
-    ``mixed@<budget>`` (:class:`~qlight.quantization.mixed_precision.MixedPrecision`).
+    """A recipe from its name, by the registered parsers: ``fp32``, ``fp16``, ``bf16``, ``int2``..``int8``
+    (weight-only), the static recipes, ``mixed@<budget>`` (:mod:`~qlight.quantization.mixed_precision`).
 
     A weight-only name may name its methods (``int3+gptq+bn_reestimation``, in any order) and its
     grouping (``int3@per_kernel_position``); ``method`` and ``granularity`` apply to names that do not.
@@ -354,34 +406,14 @@ def parse_recipe(name: str, granularity: Granularity = DEFAULT_GRANULARITY, meth
     Raises:
         QlightError: for an unknown recipe, method or granularity, listing the valid ones.
     """
-    if name in FLOAT_DTYPES:
-        return FloatCast(name, FLOAT_DTYPES[name])
-    if name in _STATIC:
-        return _STATIC[name]
-    match = _INT.fullmatch(name)
-    if match and MIN_BITS <= int(match.group(1)) <= MAX_BITS and match.group(3) in (None, *GRANULARITIES):
-        methods = parse_method(match.group(2)[1:]) if match.group(2) else parse_method(method)
-        return IntxWeightOnly(int(match.group(1)), match.group(3) or check_granularity(granularity), **methods)
-    match = _MIXED.fullmatch(name)
-    if match and match.group(3) in (None, *GRANULARITIES):
-        from qlight.quantization.mixed_precision import MixedPrecision  # it builds on IntxWeightOnly
-
-        methods = parse_method(match.group(2)[1:]) if match.group(2) else parse_method(method)
-        base = IntxWeightOnly(MAX_BITS, match.group(3) or check_granularity(granularity), **methods)
-        return MixedPrecision(_budget(match.group(1)), base)
+    for parser in _PARSERS.values():
+        recipe = parser(name, granularity, method)
+        if recipe is not None:
+            return recipe
     raise QlightError(
-        f"unknown quantization recipe {name!r}; valid: {', '.join(valid_recipe_names())}, "
-        f"int<N>+<method> with method {METHOD_HELP}, int<N>@<granularity> with granularity "
-        f"{' or '.join(GRANULARITIES)}, mixed@<average bits>, mixed@<size>MiB or mixed@<plan>.json"
+        f"unknown quantization recipe {name!r}; valid: {', '.join(valid_recipe_names())}, or by kind: "
+        f"{'; '.join(_PARSERS)}"
     )
-
-
-def _budget(text: str) -> str:
-    """A budget written one way: ``3.0`` -> ``3``, ``1.50MiB`` -> ``1.5MiB``; plan paths as given."""
-    if text.endswith(".json"):
-        return text
-    unit = "MiB" if text.endswith("MiB") else ""
-    return f"{float(text.removesuffix(unit)):g}{unit}"
 
 
 def parse_method(method: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from torchao.quantization import IntxUnpackedToInt8Tensor
 from qlight.errors import QlightError
 from qlight.files import load_torch_file
 from qlight.quantization.intx import code_range, dtype_bits, intx_from_codes, set_weight
-from qlight.quantization.mixed_precision import MixedPrecision, check_plan, realised_plan
+from qlight.quantization.plans import check_plan, realised_plan
 from qlight.quantization.recipes import Recipe, export_batched, parse_recipe, quantizable_modules
 from qlight.quantization.runtimes import InductorGraph, OnnxRuntimeModule, check_self_contained
 
@@ -106,7 +106,7 @@ def quantized_bytes(
         "targets": list(targets),
         "state_dict": _pack_state(model.state_dict()),
     }
-    if isinstance(recipe, MixedPrecision):
+    if recipe.per_layer:
         payload["plan"] = realised_plan(model)
     torch.save(payload, buffer)
     return buffer.getvalue()
@@ -379,7 +379,7 @@ def load_quantized(
         model = _instantiate(payload.get("model"), trusted_modules, path)
     model = model.to(map_location)
     targets = quantizable_modules(model)
-    if isinstance(recipe, MixedPrecision):
+    if recipe.per_layer:
         plan = payload.get("plan")
         if not isinstance(plan, dict):
             raise QlightError(f"{path} holds no per-layer plan: it is not a qlight quantized model file")
