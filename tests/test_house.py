@@ -1,7 +1,19 @@
-"""The package's shape: no module of qlight imports, directly or through others, itself."""
+"""The package's shape: no import circle, and one owner of the bytes a quantized layer takes."""
 
 import ast
+import copy
+import io
 from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from qlight.quantization.intx import intx_weight, set_weight
+from qlight.quantization.recipes import IntxWeightOnly, quantizable_modules
+from qlight.quantization.sensitivity import layer_sensitivity
+from qlight.quantization.serialization import quantized_bytes
+from qlight.quantization.sizes import stored_weight_bytes, weight_bytes
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qlight"
 
@@ -61,3 +73,25 @@ def test_no_import_circle_in_qlight():
 def test_the_cycle_finder_finds_a_cycle_through_a_lazy_import():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_kernel_position"])
+def test_the_budget_the_sensitivity_table_and_the_saved_file_count_the_same_bytes(granularity):
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 10))
+    layers = quantizable_modules(net)
+    x = torch.randn(4, 3, 8, 8)
+    bits = list(range(2, 9))
+
+    def rtn(model, layer, layer_bits):
+        module = model.get_submodule(layer)
+        set_weight(module, intx_weight(module.weight, layer_bits, granularity))
+
+    table = {(r["layer"], r["bits"]): r["bytes"] for r in layer_sensitivity(net, layers, bits, [x], rtn, granularity)}
+    for b in bits:
+        recipe = IntxWeightOnly(b, granularity)
+        model = recipe.quantize(copy.deepcopy(net), layers)
+        payload = torch.load(io.BytesIO(quantized_bytes(model, recipe, layers, net, x)), weights_only=True)
+        for layer in layers:
+            budget = weight_bytes(net.get_submodule(layer).weight.shape, b, granularity)
+            stored = stored_weight_bytes(payload["state_dict"][f"{layer}.weight"])
+            assert budget == stored == table[layer, b], (layer, b)

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from qlight import LayerSensitivity, PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
 from qlight.quantization.bit_allocation import allocate_bits
 from qlight.quantization.plans import realised_plan
-from qlight.quantization.sensitivity import weight_bytes
+from qlight.quantization.sizes import weight_bytes
 from qlight.tables import read_csv
 
 

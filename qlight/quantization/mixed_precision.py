@@ -34,7 +34,8 @@ from qlight.quantization.recipes import (
     parse_method,
     register_recipe,
 )
-from qlight.quantization.sensitivity import layer_sensitivity, weight_bytes
+from qlight.quantization.sensitivity import layer_sensitivity
+from qlight.quantization.sizes import weight_bytes
 
 CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
 _MIXED = re.compile(r"mixed@(\d+(?:\.\d+)?(?:MiB)?|.+?\.json)((?:\+\w+)*)(?:@(\w+))?")

@@ -8,7 +8,6 @@ enough across layers for a bit allocation, as HAWQ and NVIDIA ModelOpt's ``auto_
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -22,23 +21,15 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes
-from qlight.quantization.intx import MAX_BITS, MIN_BITS, Granularity, block_size, groupable
+from qlight.quantization.intx import MAX_BITS, MIN_BITS, Granularity, groupable
 from qlight.quantization.lightning_plumbing import dataloader, eval_copy, log_figure, output_dir, transferred_batches
 from qlight.quantization.methods import Calibration
 from qlight.quantization.recipes import ROUNDINGS, IntxWeightOnly, check_granularity, quantizable_modules
+from qlight.quantization.sizes import weight_bytes
 from qlight.tables import write_csv
 
 COLUMNS = ["layer", "params", "bits", "acc1", "kl", "bytes"]
 QuantizeLayer = Callable[[nn.Module, str, int], None]  # (model, layer name, bits): quantize that layer in place
-
-
-def weight_bytes(shape: Sequence[int], bits: float, granularity: Granularity) -> int:
-    """Bytes of one quantized weight in qlight's files: packed codes, then an fp32 scale and an int8
-    zero point per block (torch.save's per-tensor framing aside)."""
-    count = math.prod(shape)
-    blocks = count // math.prod(block_size(tuple(shape), granularity))
-    codes = count if bits == 8 else math.ceil(count * bits / 8)
-    return codes + blocks * (4 + 1)
 
 
 @torch.no_grad()

@@ -63,8 +63,9 @@ def _pack_state(state: dict[str, Any]) -> dict[str, Any]:
     for key, value in state.items():
         if isinstance(value, IntxUnpackedToInt8Tensor):
             bits = dtype_bits(value.target_dtype)
+            codes = pack_bits(value.qdata, bits) if bits < 8 else value.qdata
             packed[key] = {
-                "codes": pack_bits(value.qdata, bits) if bits < 8 else value.qdata,
+                "codes": codes,
                 "shape": list(value.qdata.shape),
                 "bits": bits,
                 "scale": value.scale,
