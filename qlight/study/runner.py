@@ -38,8 +38,9 @@ from qlight.quantization import (
 )
 from qlight.quantization.mixed_precision import MixedPrecision
 from qlight.quantization.recipes import BEST_METHOD, DEFAULT_GRANULARITY, quantizable_modules
+from qlight.study.figures import FIGURES
 from qlight.study.numerics import PrecisionStats
-from qlight.study.report import FIGURES, build_report
+from qlight.study.report import build_report
 
 STAGES = ("baseline", "ptq", "qat", "precision", "report")
 PRECISIONS = ("16-mixed", "bf16-mixed", "32-true", "16-true", "bf16-true")
