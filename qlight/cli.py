@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -55,11 +56,21 @@ def _yaml_without_aliases(stream: str) -> Any:
     return yaml_load(stream)
 
 
+def _check_config_files(argv: list[str]) -> None:
+    """An empty ``--config`` file is a mistake (jsonargparse says only "Unexpected config: ")."""
+    paths = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+    paths += [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
+    for path in map(Path, paths):
+        if path.is_file() and not path.read_text(errors="replace").strip():
+            raise QlightError(f"config {path} is empty: give it settings, or leave out --config {path}")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point; user errors end as one ``error: ...`` line and exit code 2."""
     argv = sys.argv[1:] if args is None else list(args)
     set_loader("yaml", _yaml_without_aliases, exceptions=(yaml.YAMLError,))
     try:
+        _check_config_files(argv)
         if argv[:1] == ["study"]:
             from qlight.study.runner import study_main
 

@@ -399,3 +399,17 @@ def test_calibration_without_a_training_batch_and_a_folder_as_checkpoint_say_wha
         trainer(tmp_path, [ptq]).test(ImageClassifier(), data, verbose=False)
     with pytest.raises(QlightError, match=f"baseline checkpoint {tmp_path} is a folder, not a file"):
         QuantizationAwareTraining(baseline_ckpt=str(tmp_path)).setup(trainer(tmp_path), DigitsNet(), "fit")
+
+
+@pytest.mark.parametrize("command", [SMOKE_PTQ, ["study", "--config", str(ROOT / "configs/study_smoke.yaml")]])
+def test_an_empty_config_file_is_named_in_one_line(tmp_path, monkeypatch, capsys, command):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--config", str(empty)])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: config {empty} is empty: give it settings, or leave out --config {empty}"
+    )
