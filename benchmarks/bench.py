@@ -47,15 +47,16 @@ from qlight import (
 from qlight.data import EpochBatches, EpochShard, normalize, random_crop_flip, synthetic_images
 from qlight.models import VGG, vgg11_bn
 from qlight.models.vgg import CFGS, make_layers
-from qlight.quantization import StaticPT2E, fake_quant, parse_recipe, quantizable_modules
-from qlight.quantization.fake_quant import (
+from qlight.quantization import StaticPT2E, parse_recipe, quantizable_modules
+from qlight.quantization.io.serialization import quantized_bytes
+from qlight.quantization.io.speed import measure_speed
+from qlight.quantization.qat import fake_quant
+from qlight.quantization.qat.fake_quant import (
     FusedFakeQuantizer,
     TorchaoFakeQuantizer,
     activation_fake_quant_config,
     weight_fake_quant_config,
 )
-from qlight.quantization.serialization import quantized_bytes
-from qlight.quantization.speed import measure_speed
 
 
 def sync(device: torch.device) -> None:

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from qlight import CIFAR100DataModule, ImageClassifier, PostTrainingQuantization
-from qlight.quantization.recipes import BEST_METHOD
+from qlight.quantization.recipes.base import BEST_METHOD
 
 STUDY_SMOKE_RECIPES = ["fp32", "fp16", "bf16", "int8", "int6", "int5", "int4", "int3", "int2", "int8_static"]
 

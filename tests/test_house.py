@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from qlight.quantization.intx import intx_weight, set_weight
-from qlight.quantization.recipes import IntxWeightOnly, quantizable_modules
-from qlight.quantization.sensitivity import layer_sensitivity
-from qlight.quantization.serialization import quantized_bytes
-from qlight.quantization.sizes import stored_weight_bytes, weight_bytes
+from qlight.quantization.io.serialization import quantized_bytes
+from qlight.quantization.io.sizes import stored_weight_bytes, weight_bytes
+from qlight.quantization.recipes.base import quantizable_modules
+from qlight.quantization.recipes.intx import intx_weight, set_weight
+from qlight.quantization.recipes.sensitivity import layer_sensitivity
+from qlight.quantization.recipes.weight_only import IntxWeightOnly
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qlight"
 
@@ -66,7 +67,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_circle_in_qlight():
     graph = import_graph()
-    assert "qlight.quantization.recipes" in graph and graph["qlight.quantization.recipes"]
+    assert "qlight.quantization.recipes.base" in graph["qlight.quantization.recipes.mixed"]  # the graph is read
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -95,3 +96,15 @@ def test_the_budget_the_sensitivity_table_and_the_saved_file_count_the_same_byte
             budget = weight_bytes(net.get_submodule(layer).weight.shape, b, granularity)
             stored = stored_weight_bytes(payload["state_dict"][f"{layer}.weight"])
             assert budget == stored == table[layer, b], (layer, b)
+
+
+def test_the_readme_layout_names_every_folder_and_the_public_names_import_from_qlight():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout") : readme.index("## Known limits")]
+    folders = sorted(
+        str(p.relative_to(PACKAGE.parent)) + "/" for p in PACKAGE.rglob("*") if (p / "__init__.py").is_file()
+    )
+    assert [f for f in folders if f not in layout] == []
+    import qlight
+
+    assert all(getattr(qlight, name) is not None for name in qlight.__all__)

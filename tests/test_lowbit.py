@@ -10,7 +10,7 @@ from torch import nn
 
 from qlight import PostTrainingQuantization, QlightError, load_quantized
 from qlight.quantization import parse_recipe, quantizable_modules
-from qlight.quantization.intx import code_range, intx_weight
+from qlight.quantization.io.serialization import quantized_bytes
 from qlight.quantization.methods import (
     Calibration,
     gptq_weight,
@@ -18,7 +18,7 @@ from qlight.quantization.methods import (
     inverse_hessian,
     reestimate_batchnorm,
 )
-from qlight.quantization.serialization import quantized_bytes
+from qlight.quantization.recipes.intx import code_range, intx_weight
 from qlight.tables import read_csv
 
 BEST = "gptq+bn_reestimation+bias_correction"
@@ -34,9 +34,8 @@ def calibration(model, batches=16, size=64):
 
 def test_targets_at_3_and_2_bits_and_each_method_on_its_own(tmp_path, narrow_digits_checkpoint, monkeypatch):
     hessian_passes = []
-    monkeypatch.setattr(
-        "qlight.quantization.recipes.input_hessians", lambda *a: hessian_passes.append(1) or input_hessians(*a)
-    )
+    counted = lambda *a: hessian_passes.append(1) or input_hessians(*a)  # noqa: E731
+    monkeypatch.setattr("qlight.quantization.recipes.weight_only.input_hessians", counted)
     ptq = PostTrainingQuantization(
         recipes=["int3", "int2"], methods=["rtn", *ALONE, BEST], calibration_batches=16, output_dir=str(tmp_path)
     )
@@ -178,7 +177,7 @@ def test_a_method_that_leaves_nan_is_an_error_row(tmp_path, narrow_digits_checkp
                 module.running_var.fill_(float("nan"))
         return ["net.1"]
 
-    monkeypatch.setattr("qlight.quantization.recipes.reestimate_batchnorm", broken)
+    monkeypatch.setattr("qlight.quantization.recipes.weight_only.reestimate_batchnorm", broken)
     ptq = PostTrainingQuantization(
         recipes=["int4"], methods=["rtn", "gptq+bn_reestimation"], calibration_batches=2, output_dir=str(tmp_path)
     )

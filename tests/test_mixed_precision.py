@@ -10,9 +10,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlight import LayerSensitivity, PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
-from qlight.quantization.bit_allocation import allocate_bits
-from qlight.quantization.plans import realised_plan
-from qlight.quantization.sizes import weight_bytes
+from qlight.quantization.io.sizes import weight_bytes
+from qlight.quantization.recipes.allocation import allocate_bits
+from qlight.quantization.recipes.plans import realised_plan
 from qlight.tables import read_csv
 
 

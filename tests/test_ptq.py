@@ -12,8 +12,8 @@ from qlight import ImageClassifier, PostTrainingQuantization, QlightError, load_
 from qlight.models import VGG, vgg11_bn
 from qlight.models.vgg import CFGS, make_layers
 from qlight.quantization import parse_recipe, quantizable_modules
-from qlight.quantization.recipes import IntxWeightOnly
-from qlight.quantization.serialization import quantized_bytes
+from qlight.quantization.io.serialization import quantized_bytes
+from qlight.quantization.recipes.weight_only import IntxWeightOnly
 from qlight.tables import read_csv
 
 
@@ -197,7 +197,8 @@ def test_a_static_recipe_that_quantizes_nothing_is_an_error_not_a_float_model(tm
     # passed as int8_static. A quantizer without a config reproduces that outcome on any torch.
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
-    monkeypatch.setattr("qlight.quantization.recipes._x86_quantizer", lambda bits, **kwargs: X86InductorQuantizer())
+    every_layer = lambda bits, **kwargs: X86InductorQuantizer()  # noqa: E731
+    monkeypatch.setattr("qlight.quantization.recipes.static.x86_quantizer", every_layer)
     ptq = PostTrainingQuantization(recipes=["fp32", "int8_static", "int8"], output_dir=str(tmp_path))
     trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(digits_checkpoint))
     rows = _rows(tmp_path / "results.csv")

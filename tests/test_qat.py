@@ -11,7 +11,7 @@ from torchao.quantization.qat import FakeQuantizedLinear
 
 from qlight import PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
 from qlight.quantization import FakeQuantizedConv2d
-from qlight.quantization.fake_quant import (
+from qlight.quantization.qat.fake_quant import (
     FusedFakeQuantizer,
     TorchaoFakeQuantizer,
     activation_fake_quant_config,

@@ -30,8 +30,8 @@ from qlight.cli import main
 from qlight.data import ensure_cifar100
 from qlight.files import SAFE_GLOBALS_ENV, load_torch_file
 from qlight.quantization import parse_recipe, quantizable_modules
-from qlight.quantization.recipes import export_batched
-from qlight.quantization.serialization import quantized_bytes
+from qlight.quantization.io.serialization import quantized_bytes
+from qlight.quantization.recipes.static import export_batched
 from qlight.tables import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,9 +25,9 @@ from qlight import (
     load_quantized,
 )
 from qlight.cli import main
-from qlight.quantization import pt2e_qat
-from qlight.quantization.qat_results import COLUMNS
-from qlight.quantization.recipes import _x86_quantizer
+from qlight.quantization.qat import pt2e
+from qlight.quantization.qat.results import COLUMNS
+from qlight.quantization.recipes.static import x86_quantizer
 from qlight.tables import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +183,8 @@ def test_the_int8_graph_computes_what_training_evaluated_with_the_layers_own_set
         nn.Linear(8 * 36, 4),
     )
     x = torch.randn(32, 3, 8, 8)
-    quantizer = _x86_quantizer(4, is_qat=True, float_modules=["5"])  # the Linear stays float
-    graph = pt2e_qat.prepare(net, x[:1], quantizer)  # a one-image example
+    quantizer = x86_quantizer(4, is_qat=True, float_modules=["5"])  # the Linear stays float
+    graph = pt2e.prepare(net, x[:1], quantizer)  # a one-image example
     batch_norm = next(node for node in graph.graph.nodes if node.target == aten.batch_norm.default)
     assert batch_norm.args[5:8] == (True, 0.01, 1e-3)  # prepare_qat_pt2e had written 0.1 and 1e-5
     optimizer = torch.optim.SGD(graph.parameters(), lr=0.05)
@@ -203,7 +203,7 @@ def test_the_int8_graph_computes_what_training_evaluated_with_the_layers_own_set
     dropout = next(node for node in graph.graph.nodes if node.target == aten.dropout.default)
     assert dropout.args[1:] == (0.3, False)
 
-    converted = pt2e_qat.convert(graph)
+    converted = pt2e.convert(graph)
     torch.testing.assert_close(converted(x), expected, rtol=0, atol=1e-5)
     codes = [
         getattr(converted, n.args[0].target) for n in converted.graph.nodes if "dequantize_per_channel" in str(n.target)
@@ -332,17 +332,17 @@ class AcceleratorDuringSetup(Callback):
 
 def test_the_network_is_prepared_with_an_example_on_its_own_device(tmp_path, monkeypatch):
     seen = []
-    prepare = pt2e_qat.prepare
+    prepare = pt2e.prepare
 
     def recording(net, example, quantizer):
         seen.append({p.device for p in net.parameters()} | {example.device})
         return prepare(net, example, quantizer)
 
-    monkeypatch.setattr(pt2e_qat, "prepare", recording)
+    monkeypatch.setattr(pt2e, "prepare", recording)
     qat = StaticQuantizationAwareTraining(eval_every_epoch=False, output_dir=str(tmp_path / "qat"))
     model = classifier()
     trainer(tmp_path, [AcceleratorDuringSetup(), qat], max_steps=2, limit_val_batches=0).fit(model, DigitsData())
-    assert seen == [{torch.device("cpu")}] and pt2e_qat.is_prepared(model.model)
+    assert seen == [{torch.device("cpu")}] and pt2e.is_prepared(model.model)
 
 
 def test_w8a8_qat_and_ptq_int8_static_work_at_batch_size_1(tmp_path):

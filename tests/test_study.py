@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from qlight import load_quantized
 from qlight.cli import main
-from qlight.quantization.plans import realised_plan
+from qlight.quantization.recipes.plans import realised_plan
 from qlight.study import cast_outcomes, epochs_to_match, first_bits_with_gap, fit_bit_curve
 from qlight.study.report import build_report
 from qlight.study.runner import Study, build_parser

@@ -1,4 +1,6 @@
-"""Quantization recipes (torchao), the PTQ and QAT callbacks and the quantized file format."""
+"""Quantization by role: ``recipes/`` (what a quantized model is), ``methods/`` (how low-bit weights are
+chosen), ``qat/`` (fake quantization), ``callbacks/`` (the Lightning callbacks), ``io/`` (files,
+runtimes, sizes)."""
 
 import logging
 
@@ -6,25 +8,27 @@ import logging
 # on every import that users can do nothing about. Set before torchao is first imported below.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from qlight.quantization.fake_quant import FakeQuantizedConv2d  # noqa: E402
-from qlight.quantization.intx import GRANULARITIES  # noqa: E402
-from qlight.quantization.mixed_precision import MixedPrecision  # noqa: E402
-from qlight.quantization.ptq import PostTrainingQuantization  # noqa: E402
-from qlight.quantization.qat import QuantizationAwareTraining  # noqa: E402
-from qlight.quantization.recipes import (  # noqa: E402
-    FloatCast,
-    IntxWeightOnly,
+from qlight.quantization.callbacks.ptq import PostTrainingQuantization  # noqa: E402
+from qlight.quantization.callbacks.qat import QuantizationAwareTraining  # noqa: E402
+from qlight.quantization.callbacks.sensitivity import LayerSensitivity  # noqa: E402
+from qlight.quantization.callbacks.static_qat import StaticQuantizationAwareTraining  # noqa: E402
+from qlight.quantization.io.serialization import load_quantized, pack_bits, unpack_bits  # noqa: E402
+from qlight.quantization.qat.fake_quant import FakeQuantizedConv2d  # noqa: E402
+from qlight.quantization.recipes.base import (  # noqa: E402
+    BEST_METHOD,
     Recipe,
-    StaticPT2E,
     parse_recipe,
     quantizable_modules,
     valid_recipe_names,
 )
-from qlight.quantization.sensitivity import LayerSensitivity  # noqa: E402
-from qlight.quantization.serialization import load_quantized, pack_bits, unpack_bits  # noqa: E402
-from qlight.quantization.static_qat import StaticQuantizationAwareTraining  # noqa: E402
+from qlight.quantization.recipes.float_cast import FloatCast  # noqa: E402
+from qlight.quantization.recipes.intx import GRANULARITIES  # noqa: E402
+from qlight.quantization.recipes.mixed import MixedPrecision  # noqa: E402
+from qlight.quantization.recipes.static import StaticPT2E  # noqa: E402
+from qlight.quantization.recipes.weight_only import IntxWeightOnly  # noqa: E402
 
 __all__ = [
+    "BEST_METHOD",
     "GRANULARITIES",
     "FakeQuantizedConv2d",
     "FloatCast",

@@ -36,8 +36,8 @@ from qlight.quantization import (
     QuantizationAwareTraining,
     StaticQuantizationAwareTraining,
 )
-from qlight.quantization.mixed_precision import MixedPrecision
-from qlight.quantization.recipes import BEST_METHOD, DEFAULT_GRANULARITY, quantizable_modules
+from qlight.quantization.recipes.base import BEST_METHOD, DEFAULT_GRANULARITY, quantizable_modules
+from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.study.figures import FIGURES
 from qlight.study.numerics import PrecisionStats
 from qlight.study.report import build_report

@@ -7,7 +7,7 @@ device, and takes its bit-widths per layer:
 - :mod:`~qlight.quantization.methods.bn_reestimation`: BatchNorm statistics of the quantized model;
 - :mod:`~qlight.quantization.methods.bias_correction`: per-channel output shift (Nagel et al. 2019).
 
-:class:`~qlight.quantization.recipes.IntxWeightOnly` composes them into recipes such as
+:class:`~qlight.quantization.recipes.weight_only.IntxWeightOnly` composes them into recipes such as
 ``int3+gptq+bn_reestimation+bias_correction``.
 """
 

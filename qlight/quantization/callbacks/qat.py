@@ -14,7 +14,16 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes
-from qlight.quantization.fake_quant import (
+from qlight.quantization.callbacks.lightning_plumbing import (
+    eval_copy,
+    example_input,
+    load_checkpoint_weights,
+    log_to_loggers,
+    non_finite_tensors,
+)
+from qlight.quantization.io.serialization import quantized_bytes
+from qlight.quantization.io.speed import measure_speed
+from qlight.quantization.qat.fake_quant import (
     FAKE_QUANTIZED,
     activation_fake_quant_config,
     init_learned_scales,
@@ -24,20 +33,12 @@ from qlight.quantization.fake_quant import (
     weight_fake_quant_config,
     weight_qparams,
 )
-from qlight.quantization.intx import MAX_BITS, MIN_BITS, Granularity, groupable, intx_from_codes, set_weight
-from qlight.quantization.lightning_plumbing import (
-    eval_copy,
-    example_input,
-    load_checkpoint_weights,
-    log_to_loggers,
-    non_finite_tensors,
-)
-from qlight.quantization.mixed_precision import MixedPrecision
-from qlight.quantization.plans import check_bits, check_plan, read_plan
-from qlight.quantization.qat_results import QATResults, check_eval_split
-from qlight.quantization.recipes import IntxWeightOnly, Recipe, check_granularity, quantizable_modules
-from qlight.quantization.serialization import quantized_bytes
-from qlight.quantization.speed import measure_speed
+from qlight.quantization.qat.results import QATResults, check_eval_split
+from qlight.quantization.recipes.base import Recipe, check_granularity, quantizable_modules
+from qlight.quantization.recipes.intx import MAX_BITS, MIN_BITS, Granularity, groupable, intx_from_codes, set_weight
+from qlight.quantization.recipes.mixed import MixedPrecision
+from qlight.quantization.recipes.plans import check_bits, check_plan, read_plan
+from qlight.quantization.recipes.weight_only import IntxWeightOnly
 
 
 def _check_scales(learned_scales: bool, module: nn.Module, state_dict: dict[str, Any], *args: Any) -> None:

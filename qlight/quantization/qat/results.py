@@ -14,7 +14,13 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import exclusive_dir
-from qlight.quantization.lightning_plumbing import dataloader, evaluate, log_to_loggers, output_dir, transferred_batches
+from qlight.quantization.callbacks.lightning_plumbing import (
+    dataloader,
+    evaluate,
+    log_to_loggers,
+    output_dir,
+    transferred_batches,
+)
 from qlight.tables import write_results
 
 COLUMNS = ["epoch", "split", "fake_quant", "acc1", "acc5", "images_per_s", "latency_ms", "device", "seconds"]

@@ -31,10 +31,11 @@ from torchao.quantization import IntxUnpackedToInt8Tensor
 
 from qlight.errors import QlightError
 from qlight.files import load_torch_file
-from qlight.quantization.intx import code_range, dtype_bits, intx_from_codes, set_weight
-from qlight.quantization.plans import check_plan, realised_plan
-from qlight.quantization.recipes import Recipe, export_batched, parse_recipe, quantizable_modules
-from qlight.quantization.runtimes import InductorGraph, OnnxRuntimeModule, check_self_contained
+from qlight.quantization.io.runtimes import InductorGraph, OnnxRuntimeModule, check_self_contained
+from qlight.quantization.recipes.base import Recipe, parse_recipe, quantizable_modules
+from qlight.quantization.recipes.intx import code_range, dtype_bits, intx_from_codes, set_weight
+from qlight.quantization.recipes.plans import check_plan, realised_plan
+from qlight.quantization.recipes.static import export_batched
 
 FORMAT = "qlight.quantized/1"
 _PLAIN_TENSOR_FILES = (pt2_constants.WEIGHT_FILENAME_PREFIX, pt2_constants.TENSOR_CONSTANT_FILENAME_PREFIX)

@@ -16,8 +16,7 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes
-from qlight.quantization import pt2e_qat
-from qlight.quantization.lightning_plumbing import (
+from qlight.quantization.callbacks.lightning_plumbing import (
     eval_copy,
     example_input,
     is_compiled,
@@ -26,11 +25,13 @@ from qlight.quantization.lightning_plumbing import (
     non_finite_tensors,
     parameter_device,
 )
-from qlight.quantization.qat import QuantizationAwareTraining
-from qlight.quantization.qat_results import QATResults, check_eval_split
-from qlight.quantization.recipes import StaticPT2E, _x86_quantizer, quantizable_modules
-from qlight.quantization.serialization import quantized_bytes
-from qlight.quantization.speed import measure_speed
+from qlight.quantization.callbacks.qat import QuantizationAwareTraining
+from qlight.quantization.io.serialization import quantized_bytes
+from qlight.quantization.io.speed import measure_speed
+from qlight.quantization.qat import pt2e
+from qlight.quantization.qat.results import QATResults, check_eval_split
+from qlight.quantization.recipes.base import quantizable_modules
+from qlight.quantization.recipes.static import StaticPT2E, x86_quantizer
 
 WEIGHT_BITS = (8, 4)  # what X86InductorQuantizer's per-channel weight spec expresses through qlight
 _OBSERVER_KEY = "activation_post_process_"  # the state-dict names prepare_qat_pt2e gives its fake-quantizers
@@ -186,7 +187,7 @@ class StaticQuantizationAwareTraining(QATResults):
                 "(its observers resize their buffers): pass the LightningModule uncompiled (--model.compile false)"
             )
         network = self._network(pl_module)
-        if not pt2e_qat.is_prepared(network):
+        if not pt2e.is_prepared(network):
             if stage == "fit" and self.baseline_ckpt:
                 load_checkpoint_weights(pl_module, self.baseline_ckpt, "baseline checkpoint")
                 rank_zero_info(f"Static QAT: starting from the weights of {self.baseline_ckpt}")
@@ -215,12 +216,12 @@ class StaticQuantizationAwareTraining(QATResults):
     def _prepare(self, network: nn.Module, example: torch.Tensor) -> nn.Module:
         quantized = quantizable_modules(network, self.keep_first, self.keep_last)
         kept = [name for name in quantizable_modules(network) if name not in quantized]
-        quantizer = _x86_quantizer(self.weight_bits, is_qat=True, float_modules=kept)
+        quantizer = x86_quantizer(self.weight_bits, is_qat=True, float_modules=kept)
         try:
-            prepared = pt2e_qat.prepare(network, example, quantizer)
+            prepared = pt2e.prepare(network, example, quantizer)
         except QlightError as err:
             raise QlightError(f"StaticQuantizationAwareTraining: {self.network}: {err}") from None
-        if not pt2e_qat.fake_quantizers(prepared):
+        if not pt2e.fake_quantizers(prepared):
             raise QlightError(
                 f"StaticQuantizationAwareTraining: X86InductorQuantizer found no Conv2d or Linear to quantize in "
                 f"{self.network}"
@@ -232,19 +233,19 @@ class StaticQuantizationAwareTraining(QATResults):
         epoch = trainer.current_epoch
         observers = self.freeze_observer_epoch is not None and epoch >= self.freeze_observer_epoch
         batch_norm = self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch
-        pt2e_qat.freeze(self._network(pl_module), observers, batch_norm)
+        pt2e.freeze(self._network(pl_module), observers, batch_norm)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # Lightning's loops restore modes by writing ``module.training``, which does not reach the
         # graph's literals: follow the module's flag every batch (no-op when nothing changed).
         network = self._network(pl_module)
-        pt2e_qat.set_phase(network, network.training)
+        pt2e.set_phase(network, network.training)
 
     def _evaluation_phase(self, trainer: Trainer, pl_module: LightningModule) -> None:
         network = self._network(pl_module)
-        pt2e_qat.sync_observers(network)
-        pt2e_qat.set_phase(network, False)  # also when an overridden on_*_model_eval kept training mode
+        pt2e.sync_observers(network)
+        pt2e.set_phase(network, False)  # also when an overridden on_*_model_eval kept training mode
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -260,7 +261,7 @@ class StaticQuantizationAwareTraining(QATResults):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pt2e_qat.sync_observers(self._network(pl_module))
+        pt2e.sync_observers(self._network(pl_module))
         if self.eval_every_epoch:
             self._record(trainer, pl_module, pl_module, self.eval_split, trainer.current_epoch, "on")
 
@@ -284,8 +285,8 @@ class StaticQuantizationAwareTraining(QATResults):
         """A copy of ``pl_module`` on the CPU, in eval mode, whose network is the int8 graph converted
         from the prepared one (BatchNorm folded, the scales training used). Call on every rank."""
         network = self._network(pl_module)
-        pt2e_qat.sync_observers(network)
-        with _swapped(pl_module, self.network, pt2e_qat.convert(network)):
+        pt2e.sync_observers(network)
+        with _swapped(pl_module, self.network, pt2e.convert(network)):
             return eval_copy(pl_module).to(_CPU)
 
     def _settings(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torchao.quantization.pt2e import FakeQuantizeBase
 
 from qlight.errors import QlightError
-from qlight.quantization.recipes import export_batched, tidy_converted
+from qlight.quantization.recipes.static import export_batched, tidy_converted
 
 aten = torch.ops.aten
 # The index of the ``training`` argument of the ops an exported training graph holds.

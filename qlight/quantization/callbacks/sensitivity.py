@@ -1,85 +1,34 @@
-"""How much each layer suffers from fewer bits: quantize one layer at a time, the rest in float.
-
-The damage is measured on held-out batches against the float model, as top-1 accuracy and as the
-KL divergence of the quantized logits from the float ones (smoother than accuracy, and additive
-enough across layers for a bit allocation, as HAWQ and NVIDIA ModelOpt's ``auto_quantize`` use it).
-"""
+"""``LayerSensitivity``: the sensitivity of every layer at every bit-width as a Lightning callback,
+with its table, heatmap and TensorBoard figure."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import Tensor
 from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes
-from qlight.quantization.intx import MAX_BITS, MIN_BITS, Granularity, groupable
-from qlight.quantization.lightning_plumbing import dataloader, eval_copy, log_figure, output_dir, transferred_batches
+from qlight.quantization.callbacks.lightning_plumbing import (
+    dataloader,
+    eval_copy,
+    log_figure,
+    output_dir,
+    transferred_batches,
+)
 from qlight.quantization.methods import Calibration
-from qlight.quantization.recipes import ROUNDINGS, IntxWeightOnly, check_granularity, quantizable_modules
-from qlight.quantization.sizes import weight_bytes
+from qlight.quantization.recipes.base import ROUNDINGS, check_granularity, quantizable_modules
+from qlight.quantization.recipes.intx import MAX_BITS, MIN_BITS, Granularity, groupable
+from qlight.quantization.recipes.sensitivity import COLUMNS, layer_sensitivity
+from qlight.quantization.recipes.weight_only import IntxWeightOnly
 from qlight.tables import write_csv
-
-COLUMNS = ["layer", "params", "bits", "acc1", "kl", "bytes"]
-QuantizeLayer = Callable[[nn.Module, str, int], None]  # (model, layer name, bits): quantize that layer in place
-
-
-@torch.no_grad()
-def layer_sensitivity(
-    model: nn.Module,
-    layers: Sequence[str],
-    bits: Sequence[int],
-    inputs: Sequence[Tensor],
-    quantize_layer: QuantizeLayer,
-    granularity: Granularity,
-    labels: Sequence[Tensor] | None = None,
-) -> list[dict]:
-    """One row per layer and bit-width (``COLUMNS``): ``model`` with only that layer quantized. Works in
-    place on ``model`` and restores each layer's weight after its rows.
-
-    Args:
-        model: the float model, in eval mode.
-        layers: names of the Conv2d/Linear modules to try.
-        bits: the bit-widths to try.
-        inputs: batches on the model's device.
-        quantize_layer: quantizes one named layer of the model in place (e.g. round to nearest, GPTQ).
-        granularity: the grouping ``quantize_layer`` uses, for the byte costs.
-        labels: the batches' targets, for ``acc1`` (``None`` without them).
-    """
-    reference = [model(x).float().log_softmax(1) for x in inputs]
-    count = sum(len(x) for x in inputs)
-    rows = []
-    for name in layers:
-        module = model.get_submodule(name)
-        original = module.weight
-        for b in bits:
-            quantize_layer(model, name, b)
-            kl = hits = 0.0
-            for i, (x, log_p) in enumerate(zip(inputs, reference, strict=True)):
-                logits = model(x).float()
-                kl += float(F.kl_div(logits.log_softmax(1), log_p, log_target=True, reduction="sum"))
-                if labels is not None:
-                    hits += float((logits.argmax(1) == labels[i]).sum())
-            module.weight = original
-            rows.append(
-                {
-                    "layer": name,
-                    "params": original.numel(),
-                    "bits": b,
-                    "acc1": hits / count if labels is not None else None,
-                    "kl": kl / count,
-                    "bytes": weight_bytes(tuple(original.shape), b, granularity),
-                }
-            )
-    return rows
 
 
 def heatmap(rows: Sequence[dict], title: str = "Layer sensitivity: KL divergence from fp32 (log)"):

@@ -2,8 +2,8 @@
 from a plan file.
 
 torchao quantizes every layer it is given at one bit-width and has no allocator; this recipe measures
-the layers (:mod:`~qlight.quantization.sensitivity`), allocates exactly
-(:mod:`~qlight.quantization.bit_allocation`) and hands the plan to :class:`IntxWeightOnly`, so every
+the layers (:mod:`~qlight.quantization.recipes.sensitivity`), allocates exactly
+(:mod:`~qlight.quantization.recipes.allocation`) and hands the plan to :class:`IntxWeightOnly`, so every
 rounding, grouping and correction works per layer as it does uniformly.
 """
 
@@ -21,21 +21,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qlight.errors import QlightError
-from qlight.quantization.bit_allocation import Plan, allocate_bits
-from qlight.quantization.intx import MAX_BITS, MIN_BITS, groupable
+from qlight.quantization.io.sizes import weight_bytes
 from qlight.quantization.methods import remembered
-from qlight.quantization.plans import check_plan, read_plan
-from qlight.quantization.recipes import (
-    DEFAULT_GRANULARITY,
-    GRANULARITIES,
-    Granularity,
-    IntxWeightOnly,
-    check_granularity,
-    parse_method,
-    register_recipe,
-)
-from qlight.quantization.sensitivity import layer_sensitivity
-from qlight.quantization.sizes import weight_bytes
+from qlight.quantization.recipes.allocation import Plan, allocate_bits
+from qlight.quantization.recipes.base import DEFAULT_GRANULARITY, check_granularity, parse_method, register_recipe
+from qlight.quantization.recipes.intx import GRANULARITIES, MAX_BITS, MIN_BITS, Granularity, groupable
+from qlight.quantization.recipes.plans import check_plan, read_plan
+from qlight.quantization.recipes.sensitivity import layer_sensitivity
+from qlight.quantization.recipes.weight_only import IntxWeightOnly
 
 CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
 _MIXED = re.compile(r"mixed@(\d+(?:\.\d+)?(?:MiB)?|.+?\.json)((?:\+\w+)*)(?:@(\w+))?")
@@ -179,7 +172,7 @@ class MixedPrecision:
     def _fixed_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str]) -> int:
         """The file's bytes besides the quantized layers' codes and scales, measured on a 2-bit copy,
         plus the alignment a different plan may add."""
-        from qlight.quantization.serialization import quantized_bytes
+        from qlight.quantization.io.serialization import quantized_bytes
 
         plan = dict.fromkeys(layers, MIN_BITS)
         smallest = IntxWeightOnly(MIN_BITS, self.granularity).quantize_plan(copy.deepcopy(model), targets, plan)
