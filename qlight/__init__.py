@@ -7,6 +7,7 @@ from qlight.data import CIFAR100DataModule
 from qlight.errors import QlightError
 from qlight.models import vgg11_bn
 from qlight.quantization import (
+    BEST_METHOD,
     LayerSensitivity,
     PostTrainingQuantization,
     QuantizationAwareTraining,
@@ -20,6 +21,7 @@ except PackageNotFoundError:  # a source tree that was not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "BEST_METHOD",
     "CIFAR100DataModule",
     "ImageClassifier",
     "LayerSensitivity",

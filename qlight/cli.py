@@ -18,7 +18,8 @@ from qlight.errors import QlightError
 
 DESCRIPTION = (
     "Train, test and quantize image classifiers. The whole quantization study: "
-    "python -m qlight study --config configs/study.yaml (python -m qlight study --help)."
+    "python -m qlight study --config configs/study.yaml (python -m qlight study --help). "
+    "Every PTQ recipe, method and granularity: python -m qlight recipes."
 )
 TRAINER_DEFAULTS = {
     "logger": {
@@ -71,6 +72,11 @@ def main(args: list[str] | None = None) -> None:
     set_loader("yaml", _yaml_without_aliases, exceptions=(yaml.YAMLError,))
     try:
         _check_config_files(argv)
+        if argv[:1] == ["recipes"]:
+            from qlight.quantization.recipes.base import describe_recipes
+
+            print(describe_recipes())
+            sys.exit(0)
         if argv[:1] == ["study"]:
             from qlight.study.runner import study_main
 

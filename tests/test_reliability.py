@@ -18,6 +18,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+import qlight
 from qlight import (
     CIFAR100DataModule,
     ImageClassifier,
@@ -413,3 +414,36 @@ def test_an_empty_config_file_is_named_in_one_line(tmp_path, monkeypatch, capsys
         capsys.readouterr().err.strip()
         == f"error: config {empty} is empty: give it settings, or leave out --config {empty}"
     )
+
+
+def test_what_a_user_of_the_callbacks_meets_is_said_before_training(tmp_path, capsys):
+    # A plan naming a layer the model lacks: refused when fitting starts, not after training.
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"net.99": 4}')
+    ptq = PostTrainingQuantization([f"mixed@{plan}"], output_dir=str(tmp_path / "ptq"))
+    fit = trainer(tmp_path, [ptq], max_epochs=1)
+    with pytest.raises(QlightError, match="names 'net.99', not a quantizable layer"):
+        fit.fit(DigitsNet())
+    assert fit.global_step == 0
+    # QAT that evaluates every epoch on a split the module has no loader for.
+    qat = QuantizationAwareTraining(weight_bits=4, output_dir=str(tmp_path / "qat"))
+    with pytest.raises(QlightError, match="has no val_dataloader: set eval_split to a split it has"):
+        trainer(tmp_path, [qat], max_epochs=1).fit(type("NoVal", (DigitsNet,), {"val_dataloader": None})())
+    # The recipe grammar, every method and granularity, one line each.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recipes"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and all(f"  {m}: " in out for m in ("rtn", "gptq", "bn_reestimation"))
+    assert "mixed@<average bits>" in out and "per_kernel_position" in out and qlight.BEST_METHOD in out
+
+
+def test_reloaded_models_behave_like_modules_and_a_script_class_says_how_to_load(tmp_path, int4_file):
+    graph_file = tmp_path / "linear.pt2"
+    torch.export.save(export_batched(nn.Linear(4, 2), torch.randn(2, 4)), graph_file)
+    graph = load_quantized(graph_file)
+    assert graph.eval() is graph and graph.train() is graph and graph.eval()(torch.randn(3, 4)).shape == (3, 2)
+    in_a_script = edited(int4_file, lambda p: p["model"].update(class_path="__main__.Tiny"))
+    with pytest.raises(
+        QlightError, match=r"names __main__.Tiny, which __main__ does not define here: .*model=Tiny\(...\)"
+    ):
+        load_quantized(in_a_script)

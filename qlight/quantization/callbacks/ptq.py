@@ -210,6 +210,14 @@ class PostTrainingQuantization(Callback):
         return parsed
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # A plan for another model fails before training, not after it.
+        targets = quantizable_modules(pl_module, self.keep_first, self.keep_last)
+        for recipe in self.recipes:
+            if isinstance(recipe, MixedPrecision):
+                recipe.check(pl_module, targets)
+
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "fit" in self.run_on:
             best = getattr(trainer.checkpoint_callback, "best_model_path", "")
@@ -251,7 +259,12 @@ class PostTrainingQuantization(Callback):
         inputs = _RunInputs(source, targets, calibration, example_input(trainer, pl_module), out)
         with exclusive_dir(out, "PostTrainingQuantization") if trainer.is_global_zero else contextlib.nullcontext():
             self.plans = {}
-            self.results = _finish_table([self._run_recipe(trainer, pl_module, r, inputs) for r in self.recipes])
+            rows = []
+            for index, recipe in enumerate(self.recipes, 1):  # a line per recipe: a long sweep shows progress
+                rows.append(self._run_recipe(trainer, pl_module, recipe, inputs))
+                outcome = "failed" if rows[-1].get("error") else f"top-1 {rows[-1]['acc1']:.4f}"
+                rank_zero_info(f"PTQ {index}/{len(self.recipes)} {recipe.name}: {outcome}, {rows[-1]['seconds']:.1f} s")
+            self.results = _finish_table(rows)
             table = markdown_table(self.results, COLUMNS)
             if trainer.is_global_zero:
                 write_results(out, "Post-training quantization", self.results, COLUMNS)

@@ -225,7 +225,7 @@ class QuantizationAwareTraining(QATResults):
         hook = pl_module.register_load_state_dict_pre_hook(functools.partial(_check_scales, self.learned_scales))
         self._writing.callback(hook.remove)
         if stage == "fit":
-            self._hold_output_dir(trainer)
+            self._prepare_fit(trainer, pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

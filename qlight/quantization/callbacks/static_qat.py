@@ -202,7 +202,7 @@ class StaticQuantizationAwareTraining(QATResults):
         hook = pl_module.register_load_state_dict_pre_hook(functools.partial(_check_observers, f"{self.network}."))
         self._writing.callback(hook.remove)
         if stage == "fit":
-            self._hold_output_dir(trainer)
+            self._prepare_fit(trainer, pl_module)
 
     def _check_trainer(self, trainer: Trainer) -> None:
         if str(trainer.precision) not in ("32-true", "32"):

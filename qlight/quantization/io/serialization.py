@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import types
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.export.pt2_archive import constants as pt2_constants
 from torchao.quantization import IntxUnpackedToInt8Tensor
+from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 
 from qlight.errors import QlightError
 from qlight.files import load_torch_file
@@ -130,6 +132,11 @@ def _model_class(class_path: Any, trusted_modules: Sequence[str], path: Path) ->
         except ImportError as err:
             raise QlightError(f"{path} needs {class_path}, which cannot be imported ({err})") from None
     cls = getattr(sys.modules[module_name], class_name, None)
+    if cls is None:  # e.g. a class defined in the script that saved the file, loaded from another
+        raise QlightError(
+            f"{path} names {class_path}, which {module_name} does not define here: pass the model, "
+            f"load_quantized(path, model={class_name}(...))"
+        )
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise QlightError(f"{path} names {class_path}, which is not an nn.Module")
     return cls
@@ -330,11 +337,21 @@ def _load_pt2(path: Path) -> nn.Module:
     _check_pt2(path)
     try:
         with _weights_only_loads(), _shape_expressions_only(path):
-            return torch.export.load(str(path)).module()
+            graph = torch.export.load(str(path)).module()
     except QlightError:
         raise
     except Exception as err:  # torch.export raises many types for a damaged archive
         raise QlightError(f"{path} cannot be loaded as an exported program ({type(err).__name__})") from None
+    # An exported module refuses train()/eval(): these switch its graph's modes the way torchao does
+    # and return the module, so that it behaves like any module in a user's evaluation loop.
+    graph.train = types.MethodType(_train_exported, graph)
+    graph.eval = types.MethodType(lambda self: self.train(False), graph)
+    return graph
+
+
+def _train_exported(graph: nn.Module, mode: bool = True) -> nn.Module:
+    (move_exported_model_to_train if mode else move_exported_model_to_eval)(graph)
+    return graph
 
 
 def load_quantized(

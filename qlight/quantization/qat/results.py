@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
@@ -72,7 +73,15 @@ class QATResults(Callback):
     def _out(self, trainer: Trainer) -> Path:
         return output_dir(trainer, self.output_dir, "qat")
 
-    def _hold_output_dir(self, trainer: Trainer) -> None:
+    def _prepare_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Before any training: the loader the per-epoch evaluation reads exists; the output folder is held."""
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        if self.eval_every_epoch and not is_overridden(f"{self.eval_split}_dataloader", source):
+            raise QlightError(
+                f"{type(self).__name__} evaluates every epoch on the {self.eval_split} split, but "
+                f"{type(source).__name__} has no {self.eval_split}_dataloader: set eval_split to a split it has "
+                "or eval_every_epoch=False"
+            )
         if trainer.is_global_zero:
             self._writing.enter_context(exclusive_dir(self._out(trainer), type(self).__name__))
 

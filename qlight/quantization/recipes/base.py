@@ -79,6 +79,16 @@ ROUNDINGS: tuple[str, ...] = ("rtn", "gptq")
 CORRECTIONS: tuple[str, ...] = ("bn_reestimation", "bias_correction")
 BEST_METHOD = "gptq+bn_reestimation+bias_correction"  # the most accurate combination measured (README)
 METHOD_HELP = "rtn, gptq, bn_reestimation, bias_correction joined with + (at most one of rtn and gptq)"
+METHODS = {
+    "rtn": "each weight to the nearest code of its group's scale (torchao's from_hp)",
+    "gptq": "rounds input columns one at a time, moving each error onto the columns left (GPTQ)",
+    "bn_reestimation": "recomputes the BatchNorm statistics of the quantized model on calibration batches",
+    "bias_correction": "subtracts each output channel's mean shift against the float model from its bias",
+}
+GRANULARITY_HELP = {
+    "per_channel": "one scale per output channel (the default; what int8 conv kernels take)",
+    "per_kernel_position": "one scale per output channel and kernel position (torchao's PerAxis(0))",
+}
 
 
 # A recipe parser takes (name, default granularity, default method) and returns its recipe, or None
@@ -104,6 +114,16 @@ def register_recipe(grammar: str, names: Iterable[str] = ()) -> Callable[[Recipe
 def recipe_grammar() -> list[str]:
     """What each registered kind of recipe reads, one line each."""
     return list(_PARSERS)
+
+
+def describe_recipes() -> str:
+    """Every kind of recipe, method and granularity, one line each (``python -m qlight recipes``)."""
+    lines = ["recipes (one name each; a method or granularity in the name overrides the callback's):"]
+    lines += [f"  {grammar}" for grammar in _PARSERS]
+    lines += [f"methods (joined with +, at most one of rtn and gptq; best measured: {BEST_METHOD}):"]
+    lines += [f"  {name}: {text}" for name, text in METHODS.items()]
+    lines += ["granularities (@<granularity>):"] + [f"  {name}: {text}" for name, text in GRANULARITY_HELP.items()]
+    return "\n".join(lines)
 
 
 def valid_recipe_names() -> list[str]:

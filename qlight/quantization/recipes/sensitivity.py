@@ -7,9 +7,11 @@ enough across layers for a bit allocation, as HAWQ and NVIDIA ModelOpt's ``auto_
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -45,7 +47,8 @@ def layer_sensitivity(
     reference = [model(x).float().log_softmax(1) for x in inputs]
     count = sum(len(x) for x in inputs)
     rows = []
-    for name in layers:
+    for index, name in enumerate(layers, 1):
+        start = time.perf_counter()
         module = model.get_submodule(name)
         original = module.weight
         for b in bits:
@@ -67,4 +70,7 @@ def layer_sensitivity(
                     "bytes": weight_bytes(tuple(original.shape), b, granularity),
                 }
             )
+        rank_zero_info(
+            f"sensitivity {index}/{len(layers)} {name}: {len(bits)} bit-widths, {time.perf_counter() - start:.1f} s"
+        )
     return rows
