@@ -111,11 +111,6 @@ def register_recipe(grammar: str, names: Iterable[str] = ()) -> Callable[[Recipe
     return register
 
 
-def recipe_grammar() -> list[str]:
-    """What each registered kind of recipe reads, one line each."""
-    return list(_PARSERS)
-
-
 def describe_recipes() -> str:
     """Every kind of recipe, method and granularity, one line each (``python -m qlight recipes``)."""
     lines = ["recipes (one name each; a method or granularity in the name overrides the callback's):"]

@@ -95,8 +95,9 @@ class MixedPrecision:
 
     def check(self, model: nn.Module, targets: Sequence[str]) -> None:
         """Fail early on a budget or plan file that is not one, or a plan that does not fit the model."""
-        self.check_budget()
-        if self.plan_file is not None:
+        if self.plan_file is None:
+            self.check_budget()
+        else:  # read_plan checks the file as check_budget would: read it once
             check_plan(read_plan(self.plan_file), model, targets, str(self.plan_file))
 
     def quantize(self, model: nn.Module, targets: Sequence[str], calibration: Sequence[Tensor] = ()) -> nn.Module:
