@@ -88,6 +88,17 @@ class DigitsData(pl.LightningDataModule):
         return DataLoader(self.test_data, batch_size=128)
 
 
+class DigitsRGB(DigitsData):
+    """The digits as 3 x ``size`` x ``size`` images (bilinear), for backbones made for RGB images."""
+
+    def __init__(self, size: int = 16, shuffle: bool = True) -> None:
+        super().__init__(shuffle)
+        for data in (self.train_data, self.test_data):
+            images, labels = data.tensors
+            images = nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            data.tensors = (images.expand(-1, 3, -1, -1).contiguous(), labels)
+
+
 def trainer(tmp_path, callbacks=(), max_epochs=6, **kwargs):
     return pl.Trainer(
         default_root_dir=tmp_path,
@@ -128,3 +139,23 @@ class PooledDigitsNet(DigitsNet):
             nn.Flatten(),
             nn.Linear(4 * w, 10),
         )
+
+
+class DigitsCNN(nn.Module):
+    """A user's own backbone for the digits (1x8x8 inputs), built by class path with ``num_classes``."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))

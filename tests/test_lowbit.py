@@ -86,7 +86,7 @@ def test_gptq_on_a_worked_example():
     layer = nn.Linear(2, 1, bias=False)
     layer.weight.data = torch.tensor([[1.2, 0.3]])
     hessians = input_hessians(layer, [""], [torch.tensor([[1.0, 1.0]])])
-    torch.testing.assert_close(hessians[""], torch.full((2, 2), 2.0))
+    torch.testing.assert_close(hessians[""], torch.full((1, 2, 2), 2.0))  # one group
     gptq, _ = gptq_weight(layer.weight, 2, "per_channel", inverse_hessian(hessians[""]))
     rtn = intx_weight(layer.weight, 2, "per_channel")  # scale 1.2 / 1.5 = 0.8, codes -2..1
     assert rtn.qdata.tolist() == [[1, 0]] and gptq.qdata.tolist() == [[1, 1]]

@@ -1,26 +1,96 @@
-"""Backbones, looked up by name so that configs and checkpoints can name them."""
+"""Backbones: registered by name, any torchvision classifier, or any ``nn.Module`` by class path."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import torchvision
 from torch import nn
 
+from qlight.class_path import import_object
 from qlight.errors import QlightError
+from qlight.models.mobilenet import mobilenet_v2
+from qlight.models.resnet import ResNet, resnet18, resnet20, resnet56
 from qlight.models.vgg import VGG, vgg11_bn, vgg13_bn, vgg16_bn
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "mobilenet_v2": mobilenet_v2,
+    "resnet18": resnet18,
+    "resnet20": resnet20,
+    "resnet56": resnet56,
     "vgg11_bn": vgg11_bn,
     "vgg13_bn": vgg13_bn,
     "vgg16_bn": vgg16_bn,
 }
+TORCHVISION = "torchvision:"
+FORMS = (
+    f"a registered name ({', '.join(BACKBONES)}), {TORCHVISION}<name> (torchvision.models.list_models()), "
+    "a class path package.module.Class (or a function that builds one), or {class_path: ..., init_args: {...}}"
+)
 
 
-def build_backbone(name: str, num_classes: int) -> nn.Module:
-    """Build a registered backbone; raises :class:`QlightError` naming the valid choices."""
-    if name not in BACKBONES:
-        raise QlightError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name](num_classes=num_classes)
+def build_backbone(spec: str | Mapping[str, Any], num_classes: int) -> nn.Module:
+    """Build the backbone ``spec`` names, with ``num_classes`` outputs.
+
+    Args:
+        spec: a name in :data:`BACKBONES`; ``"torchvision:<name>"`` for a torchvision classifier (random
+            weights); the class path of an ``nn.Module`` subclass or of a function that returns one
+            (``qlight.models.resnet20``); or ``{"class_path": ..., "init_args": {...}}`` as LightningCLI
+            writes it.
+        num_classes: passed to the constructor unless ``init_args`` gives it or it takes no ``num_classes``.
+
+    Raises:
+        QlightError: one line naming the fix, for any spec that does not build a module.
+    """
+    if isinstance(spec, Mapping):
+        if not isinstance(spec.get("class_path"), str) or set(spec) - {"class_path", "init_args"}:
+            raise QlightError(f"backbone {dict(spec)} needs the keys class_path and (optionally) init_args")
+        return _from_class_path(spec["class_path"], dict(spec.get("init_args") or {}), num_classes)
+    if not isinstance(spec, str):
+        raise QlightError(f"backbone {spec!r} is not a name or class path: give {FORMS}")
+    if spec in BACKBONES:
+        return BACKBONES[spec](num_classes=num_classes)
+    if spec.startswith(TORCHVISION):
+        name = spec.removeprefix(TORCHVISION)
+        if name not in torchvision.models.list_models(torchvision.models):
+            raise QlightError(f"torchvision has no classification model {name!r}: see torchvision.models.list_models()")
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if "." in spec:
+        return _from_class_path(spec, {}, num_classes)
+    raise QlightError(f"unknown backbone {spec!r}: give {FORMS}")
 
 
-__all__ = ["BACKBONES", "VGG", "build_backbone", "vgg11_bn", "vgg13_bn", "vgg16_bn"]
+def _from_class_path(class_path: str, init_args: dict[str, Any], num_classes: int) -> nn.Module:
+    builder = import_object(class_path, "backbone")
+    is_module_class = isinstance(builder, type) and issubclass(builder, nn.Module)
+    if not is_module_class and (isinstance(builder, type) or not callable(builder)):
+        raise QlightError(
+            f"backbone {class_path} is not an nn.Module subclass: give the class of your network, or a function "
+            "that builds it"
+        )
+    if "num_classes" not in init_args and "num_classes" in inspect.signature(builder).parameters:
+        init_args["num_classes"] = num_classes
+    try:
+        model = builder(**init_args)
+    except TypeError as err:
+        raise QlightError(f"cannot build backbone {class_path} with init_args {init_args}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise QlightError(f"backbone {class_path} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+__all__ = [
+    "BACKBONES",
+    "VGG",
+    "ResNet",
+    "build_backbone",
+    "mobilenet_v2",
+    "resnet18",
+    "resnet20",
+    "resnet56",
+    "vgg11_bn",
+    "vgg13_bn",
+    "vgg16_bn",
+]

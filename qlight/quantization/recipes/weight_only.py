@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 from qlight.errors import QlightError, QlightWarning
 from qlight.quantization.methods import (
-    InverseHessian,
     correct_biases,
     gptq_weight,
     input_hessians,
@@ -149,7 +148,7 @@ class IntxWeightOnly:
         fallbacks = []
         for name, layer_bits in bits.items():
             module = model.get_submodule(name)
-            inverse = inverses.get(name, InverseHessian(fallback="GPTQ solves Linear and ungrouped Conv2d only"))
+            inverse = inverses[name]
             weight, fallback = gptq_weight(module.weight, layer_bits, self.granularity, inverse)
             set_weight(module, weight)
             if fallback:
