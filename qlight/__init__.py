@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from qlight.classifier import ImageClassifier
-from qlight.data import CIFAR100DataModule
+from qlight.data import CIFAR10DataModule, CIFAR100DataModule, ImageFolderDataModule
 from qlight.errors import QlightError
 from qlight.models import vgg11_bn
 from qlight.quantization import (
@@ -23,6 +23,8 @@ except PackageNotFoundError:  # a source tree that was not installed
 __all__ = [
     "BEST_METHOD",
     "CIFAR100DataModule",
+    "CIFAR10DataModule",
+    "ImageFolderDataModule",
     "ImageClassifier",
     "LayerSensitivity",
     "PostTrainingQuantization",

@@ -22,8 +22,12 @@ class ImageClassifier(LightningModule):
     ``val/acc1``, ``val/acc5`` and the same under ``test/``.
 
     Args:
-        backbone: a registered name (see ``qlight.models.BACKBONES``) or a ready ``nn.Module``.
-        num_classes: outputs of the backbone (used when it is built by name).
+        backbone: a registered name (``resnet20``, ``vgg11_bn``, ...: ``qlight.models.BACKBONES``),
+            ``torchvision:<name>`` for any torchvision classifier, the class path of your own
+            ``nn.Module`` (``"pkg.module.Net"`` or ``{"class_path": ..., "init_args": {...}}``), or a
+            ready ``nn.Module``. All but the last are saved in checkpoints and rebuilt from them.
+        num_classes: outputs of the backbone (passed to it when it is built from a name or class path
+            that takes ``num_classes``); the CLI and the study take it from the data when the data knows it.
         lr: peak learning rate.
         momentum: SGD momentum (Nesterov).
         weight_decay: L2 penalty on every parameter.
@@ -37,7 +41,7 @@ class ImageClassifier(LightningModule):
 
     def __init__(
         self,
-        backbone: str | nn.Module = "vgg11_bn",
+        backbone: str | dict[str, Any] | nn.Module = "vgg11_bn",
         num_classes: int = 100,
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -54,7 +58,7 @@ class ImageClassifier(LightningModule):
         if not 0 <= label_smoothing < 1:
             raise QlightError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        self.model = build_backbone(backbone, num_classes) if isinstance(backbone, str) else backbone
+        self.model = backbone if isinstance(backbone, nn.Module) else build_backbone(backbone, num_classes)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.channels_last = channels_last
         if channels_last:
@@ -94,10 +98,20 @@ class ImageClassifier(LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
+    def _logits(self, images: Tensor) -> Tensor:
+        logits = self(images)
+        if logits.ndim != 2 or logits.shape[1] != self.hparams.num_classes:  # shapes are known on the host
+            raise QlightError(
+                f"the backbone returns {tuple(logits.shape)} for a batch of {len(images)} images where "
+                f"model.num_classes is {self.hparams.num_classes}: give the backbone num_classes="
+                f"{self.hparams.num_classes} outputs, or set model.num_classes to what it returns"
+            )
+        return logits
+
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = self.criterion(self(images), labels)
+        loss = self.criterion(self._logits(images), labels)
         if logs_this_step(self):  # not on the progress bar: showing it reads it back every step
             self.log("train/loss", loss)
         return loss
@@ -106,7 +120,7 @@ class ImageClassifier(LightningModule):
         self, batch: tuple[Tensor, Tensor], stage: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy
     ) -> None:
         images, labels = batch
-        logits = self(images)
+        logits = self._logits(images)
         acc1(logits, labels)
         acc5(logits, labels)
         self.log(f"{stage}/loss", self.criterion(logits, labels), sync_dist=True)

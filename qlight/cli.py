@@ -9,11 +9,12 @@ from typing import Any
 import yaml
 from jsonargparse import set_loader
 from jsonargparse._loaders_dumpers import yaml_load
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qlight.classifier import ImageClassifier
-from qlight.data import CIFAR100DataModule
+from qlight.data.class_path import DEFAULT_DATA, datamodule_class, known_classes
 from qlight.errors import QlightError
 
 DESCRIPTION = (
@@ -39,6 +40,25 @@ def _default_callbacks() -> list:
     ]
 
 
+class QlightCLI(LightningCLI):
+    """LightningCLI with any LightningDataModule as ``--data`` (CIFAR-100 by default) and the model's
+    ``num_classes`` taken from the data when the data knows it."""
+
+    def __init__(self, *args: Any, data_class_path: str = DEFAULT_DATA, **kwargs: Any) -> None:
+        self.data_class_path = data_class_path
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"data": {"class_path": self.data_class_path}})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        init_args = config.data.get("init_args")
+        classes = known_classes(datamodule_class(config.data.class_path), init_args and init_args.as_dict())
+        if classes is not None:
+            config.model.num_classes = classes
+
+
 def _qlight_error(err: BaseException) -> QlightError | None:
     """The QlightError behind ``err``: jsonargparse wraps errors raised while it builds classes."""
     seen = 0
@@ -57,13 +77,40 @@ def _yaml_without_aliases(stream: str) -> Any:
     return yaml_load(stream)
 
 
-def _check_config_files(argv: list[str]) -> None:
-    """An empty ``--config`` file is a mistake (jsonargparse says only "Unexpected config: ")."""
-    paths = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
-    paths += [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
-    for path in map(Path, paths):
-        if path.is_file() and not path.read_text(errors="replace").strip():
-            raise QlightError(f"config {path} is empty: give it settings, or leave out --config {path}")
+def _data_class_paths(argv: list[str]) -> list[Any]:
+    """What each ``--config`` file and ``--data``/``--data.class_path`` flag names as the data class, in the
+    order jsonargparse applies them (the last wins)."""
+    named: list[Any] = []
+    for flag, value in zip(argv, [*argv[1:], None], strict=True):
+        key, _, inline = flag.partition("=")
+        value = inline if inline else value
+        if key in ("--data", "--data.class_path") and value is not None:
+            named.append(value)
+        elif key == "--config" and value is not None:
+            path = Path(value)
+            text = path.read_text(errors="replace") if path.is_file() else None
+            if text is not None and not text.strip():
+                raise QlightError(f"config {path} is empty: give it settings, or leave out --config {path}")
+            try:
+                config = _yaml_without_aliases(text) if text else None
+            except yaml.YAMLError:
+                continue  # jsonargparse reports it
+            spec = config.get("data") if isinstance(config, dict) else None
+            named.append(spec.get("class_path") if isinstance(spec, dict) else spec)
+    return named
+
+
+def _check_arguments(argv: list[str]) -> str:
+    """What jsonargparse reports in a screenful, in one line: an empty ``--config`` file (it says only
+    "Unexpected config: ") and a ``--data`` class path that is not a DataModule. Returns the class path of
+    the data class the arguments name (CIFAR-100's when none), to be the parser's default: jsonargparse
+    carries the default class's arguments (``val_size``) over to a class named later."""
+    data = DEFAULT_DATA
+    for class_path in _data_class_paths(argv):
+        if isinstance(class_path, str) and not class_path.lstrip().startswith("{"):
+            cls = datamodule_class(class_path)
+            data = f"{cls.__module__}.{cls.__qualname__}"
+    return data
 
 
 def main(args: list[str] | None = None) -> None:
@@ -71,7 +118,7 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     set_loader("yaml", _yaml_without_aliases, exceptions=(yaml.YAMLError,))
     try:
-        _check_config_files(argv)
+        data_class_path = _check_arguments(argv)
         if argv[:1] == ["recipes"]:
             from qlight.quantization.recipes.base import describe_recipes
 
@@ -80,10 +127,12 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] == ["study"]:
             from qlight.study.runner import study_main
 
-            sys.exit(study_main(argv[1:]))
-        LightningCLI(
+            sys.exit(study_main(argv[1:], data_class_path))
+        QlightCLI(
             ImageClassifier,
-            CIFAR100DataModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            data_class_path=data_class_path,
             trainer_defaults={**TRAINER_DEFAULTS, "callbacks": _default_callbacks()},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "python -m qlight", "description": DESCRIPTION},

@@ -13,13 +13,13 @@ from torch.utils.data import DataLoader
 from qlight import ImageClassifier
 from qlight.data import (
     CIFAR100DataModule,
-    ensure_cifar100,
-    load_cifar100,
+    ensure_cifar,
+    load_cifar,
     normalize,
     random_crop_flip,
     synthetic_images,
 )
-from qlight.data import cifar100 as cifar_module
+from qlight.data import cifar as cifar_module
 from qlight.data.device_batches import EpochShard, to_device
 from qlight.errors import QlightError
 from tests.conftest import write_cifar100
@@ -71,7 +71,7 @@ def test_labels_outside_cifar100s_classes_are_refused(tmp_path, label):
     entry["fine_labels"][5] = label
     path.write_bytes(pickle.dumps(entry, protocol=2))
     with pytest.raises(QlightError, match="labels outside 0..99") as info:
-        load_cifar100(root, train=False)
+        load_cifar(root, train=False)
     assert str(label) in str(info.value).split("labels outside 0..99")[1]
 
 
@@ -87,7 +87,7 @@ def test_validation_split_is_seeded(cifar_dir):
 
 def test_real_checksums_reject_a_subset(cifar_dir):
     with pytest.raises(QlightError, match="verify_checksums"):
-        ensure_cifar100(cifar_dir, download=False, verify_checksums=True)
+        ensure_cifar(cifar_dir, download=False, verify_checksums=True)
 
 
 def test_offline_without_dataset_says_where_to_put_it(tmp_path, monkeypatch):
@@ -96,7 +96,7 @@ def test_offline_without_dataset_says_where_to_put_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cifar_module, "download_url", no_network)
     with pytest.raises(QlightError) as info:
-        ensure_cifar100(tmp_path, download=True)
+        ensure_cifar(tmp_path, download=True)
     message = str(info.value)
     assert "could not be downloaded" in message and "cifar-100-python.tar.gz" in message
     assert "configs/smoke.yaml" in message and "\n" not in message
@@ -106,7 +106,7 @@ def test_corrupt_archive_is_reported_and_kept(tmp_path):
     archive = tmp_path / "cifar-100-python.tar.gz"
     archive.write_bytes(b"not a tarball")
     with pytest.raises(QlightError, match="corrupt"):
-        ensure_cifar100(tmp_path, download=True)
+        ensure_cifar(tmp_path, download=True)
     assert archive.read_bytes() == b"not a tarball"
 
 

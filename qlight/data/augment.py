@@ -7,6 +7,9 @@ import functools
 import torch
 from torch import Tensor
 
+# Per-channel mean and standard deviation of the training images, in [0, 1].
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
