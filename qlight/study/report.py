@@ -23,30 +23,46 @@ def _pct(value: Any) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
+def _data(data: dict[str, Any]) -> str:
+    """The data as the config names it: the class, and the synthetic sizes or the folder it reads."""
+    name = str(data.get("class_path", "CIFAR100DataModule")).rpartition(".")[2]
+    args = data.get("init_args", data)
+    if args.get("synthetic"):
+        return f"{name}, synthetic ({args['synthetic_train_size']} train / {args['synthetic_test_size']} test images)"
+    where = args.get("root") or args.get("data_dir")
+    return f"{name} ({where})" if where else name
+
+
 def _header(results: dict[str, Any]) -> list[str]:
     cfg = results["config"]
-    data, baseline = cfg.get("data", {}), cfg.get("baseline", {})
-    if data.get("synthetic"):
-        source = f"synthetic ({data['synthetic_train_size']} train / {data['synthetic_test_size']} test images)"
-    else:
-        source = "CIFAR-100"
+    baseline, b = cfg.get("baseline", {}), results["baseline"]
     trained = baseline.get("ckpt") or f"{baseline.get('epochs')} epochs"
+    model = cfg.get("model", {})
+    backbone = model.get("backbone", "vgg11_bn")
+    name = backbone if isinstance(backbone, str) else backbone.get("class_path")
+    size = f"{b['parameters']:,} parameters, " if b and b.get("parameters") else ""
+    kept = cfg.get("keep_float") or []
     lines = [
         "# qlight quantization study",
         "",
-        f"Model: {cfg.get('model', {}).get('num_classes')}-class VGG-11-BN; data: {source}; baseline: {trained}; "
-        f"trainer: {cfg.get('trainer')}.",
+        f"Model: {name} ({size}{model.get('num_classes')} classes); data: {_data(cfg.get('data', {}))}; "
+        f"baseline: {trained}; layers kept in float: {', '.join(kept) or 'none'}; trainer: {cfg.get('trainer')}.",
         "",
     ]
-    if results["baseline"]:
-        b = results["baseline"]
+    if b:
         top = f"top-1 {_pct(b['test_acc1'])}%, top-5 {_pct(b['test_acc5'])}%"
         lines += [f"Baseline test {top} ({b['checkpoint']}).", ""]
     return lines
 
 
+def _quantized_layers(cfg: dict[str, Any]) -> str:
+    kept = cfg.get("keep_float") or []
+    return "every Conv2d and Linear" + (f" but the {' and '.join(kept)} (kept in float)" if kept else "")
+
+
 def _ptq_section(results: dict[str, Any]) -> list[str]:
-    lines = ["## Post-training quantization", "", "Every Conv2d and Linear; sizes are bytes of the saved file.", ""]
+    which = _quantized_layers(results["config"])
+    lines = ["## Post-training quantization", "", f"{which.capitalize()}; sizes are bytes of the saved file.", ""]
     if not results["ptq"]:
         return [*lines, "(no PTQ results)", ""]
     rows = []
@@ -117,10 +133,10 @@ def _qat_section(results: dict[str, Any]) -> list[str]:
     lines = [
         "## Quantization-aware training",
         "",
-        "From the baseline, fake-quant on every Conv2d and Linear, evaluated on the test set after each epoch "
-        "(the same split as PTQ). intN: weights only (activations float); W8A8: int8 weights and static int8 "
-        "activations with BatchNorm folded (torchao PT2E), the graph PTQ's int8_static calibrates (its PTQ RTN "
-        "column: round-to-nearest weights, calibrated activations; no other PTQ method applies).",
+        f"From the baseline, fake-quant on {_quantized_layers(results['config'])}, evaluated on the test set after "
+        "each epoch (the same split as PTQ). intN: weights only (activations float); W8A8: int8 weights and "
+        "static int8 activations with BatchNorm folded (torchao PT2E), the graph PTQ's int8_static calibrates (its "
+        "PTQ RTN column: round-to-nearest weights, calibrated activations; no other PTQ method applies).",
         "",
     ]
     if not results["qat"]:

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import sys
 import time
 import traceback
@@ -23,12 +24,13 @@ from typing import Any, Literal
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from qlight.classifier import ImageClassifier
-from qlight.data import CIFAR100DataModule
+from qlight.data.class_path import DEFAULT_DATA, datamodule_class, known_classes
 from qlight.errors import QlightError
 from qlight.files import atomic_write_text
 from qlight.quantization import (
@@ -42,6 +44,7 @@ from qlight.study.figures import FIGURES
 from qlight.study.numerics import PrecisionStats
 from qlight.study.report import build_report
 
+RANKS_STAGES = "QLIGHT_STUDY_STAGES"  # the stages rank zero runs, for the ranks Lightning starts
 STAGES = ("baseline", "ptq", "qat", "precision", "report")
 PRECISIONS = ("16-mixed", "bf16-mixed", "32-true", "16-true", "bf16-true")
 # Trainer settings that change what is printed, not what is computed: they do not redo stages.
@@ -59,7 +62,7 @@ CPU_PRECISION_NOTE = (
 )
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(data_class_path: str = DEFAULT_DATA) -> ArgumentParser:
     parser = ArgumentParser(prog="python -m qlight study", description="Run the quantization study.")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--study_dir", type=str, default="logs/study", help="where every stage writes")
@@ -69,8 +72,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--stages", type=list[Literal[STAGES]], default=list(STAGES), help="stages to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trainer", type=dict, default={}, help="Trainer arguments shared by every run")
-    parser.add_class_arguments(ImageClassifier, "model", skip={"backbone"})
-    parser.add_class_arguments(CIFAR100DataModule, "data")
+    parser.add_class_arguments(ImageClassifier, "model")
+    parser.add_subclass_arguments(LightningDataModule, "data", help="any LightningDataModule (default CIFAR-100)")
+    parser.set_defaults({"data": {"class_path": data_class_path}})
+    parser.add_argument(
+        "--keep_float",
+        type=list[Literal["first", "last"]],
+        default=[],
+        help="Conv2d/Linear layers that PTQ and QAT leave in float: the first, the last (the head), or both",
+    )
     parser.add_argument("--baseline.epochs", type=int, default=200)
     parser.add_argument(
         "--baseline.ckpt", type=str | None, default=None, help="take this checkpoint instead of training"
@@ -122,6 +132,11 @@ class Stage:
     def group(self) -> str:
         """Its name in ``--stages``."""
         return self.name.split("_")[0]
+
+
+def _backbone_name(backbone: Any) -> str:
+    """``resnet20``, ``torchvision:resnet18`` or a class path, as the config names the backbone."""
+    return backbone if isinstance(backbone, str) else str(_plain(backbone).get("class_path"))
 
 
 def _plain(value: Any) -> Any:
@@ -188,25 +203,29 @@ class Study:
         self.config = config
         self.dir = Path(config.study_dir)
         self.errors: dict[str, str] = {}
+        init_args = config.data.get("init_args")
+        self._data_class = datamodule_class(config.data.class_path)
+        classes = known_classes(self._data_class, init_args and init_args.as_dict())
+        if classes is not None:  # the data knows its classes: the model follows
+            config.model.num_classes = classes
 
     # --- settings ----------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
         trainer = {k: v for k, v in self.config.trainer.items() if k not in COSMETIC_TRAINER_KEYS}
-        return _plain(
-            {"seed": self.config.seed, "model": self.config.model, "data": self.config.data, "trainer": trainer}
-        )
+        cfg = self.config
+        return _plain({"seed": cfg.seed, "model": cfg.model.as_dict(), "data": cfg.data.as_dict(), "trainer": trainer})
 
     def stages(self) -> list[Stage]:
         """Every stage of this configuration, in order (the report is not one: it is always rebuilt)."""
         cfg = self.config
         # Input files enter by content: the same path with other bytes redoes the stages built on it.
         baseline = {**self._common(), "baseline": _plain({**cfg.baseline, "ckpt_sha256": self._inputs["ckpt"]})}
-        ptq = _plain({**cfg.ptq, "plans_sha256": self._inputs["plans"]})
+        ptq = _plain({**cfg.ptq, "keep_float": cfg.keep_float, "plans_sha256": self._inputs["plans"]})
         stages = [
             Stage("baseline", baseline, self.train_baseline, "baseline.json"),
             Stage("ptq", {"baseline": baseline, "ptq": ptq}, self.run_ptq),
         ]
-        qat = {"epochs": cfg.qat.epochs, "lr": cfg.qat.lr}
+        qat = {"epochs": cfg.qat.epochs, "lr": cfg.qat.lr, "keep_float": cfg.keep_float}
         for bits in cfg.qat.bits:
             fingerprint = {"baseline": baseline, "qat": {**qat, "bits": bits}}
             stages.append(Stage(f"qat_int{bits}", fingerprint, functools.partial(self.run_qat, bits)))
@@ -254,9 +273,9 @@ class Study:
         if cfg.baseline.ckpt and not Path(cfg.baseline.ckpt).is_file():
             raise QlightError(f"baseline checkpoint {cfg.baseline.ckpt} does not exist")
         for bits in cfg.qat.bits:
-            QuantizationAwareTraining(weight_bits=bits)
+            QuantizationAwareTraining(weight_bits=bits, **self._keep())
         self._validate_plans(self._ptq(), self._model(lr=cfg.qat.lr))
-        CIFAR100DataModule(**cfg.data.as_dict())
+        self.data  # noqa: B018 (built here, so that bad data settings fail before any stage)
 
     def _validate_plans(self, ptq: PostTrainingQuantization, model: ImageClassifier) -> None:
         """PTQ's plan files fit the model, and QAT's plans come from mixed PTQ recipes."""
@@ -343,15 +362,21 @@ class Study:
                 raise QlightError(f"cannot remove {self.dir / name}: {err.strerror or err}") from None
 
     # --- running -----------------------------------------------------------------------------
+    def _to_run(self, stage: Stage) -> bool:
+        """Whether ``stage`` runs: not done with these settings, or done but its result is gone."""
+        folder = self.dir / stage.name
+        marker = _read_marker(folder / "stage.json")
+        if marker and marker.get("done") and marker.get("fingerprint") == stage.fingerprint:
+            if (folder / stage.result).is_file():
+                print(f"[study] {stage.name}: skipped (done)", flush=True)
+                return False
+            print(f"[study] {stage.name}: {stage.result} is missing, running it again", flush=True)
+        return True
+
     def _run_stage(self, stage: Stage) -> None:
         folder = self.dir / stage.name
         marker_path = folder / "stage.json"
         marker = _read_marker(marker_path)
-        if marker and marker.get("done") and marker.get("fingerprint") == stage.fingerprint:
-            if (folder / stage.result).is_file():
-                print(f"[study] {stage.name}: skipped (done)", flush=True)
-                return
-            print(f"[study] {stage.name}: {stage.result} is missing, running it again", flush=True)
         resuming = (folder / "checkpoints" / "last.ckpt").is_file()
         print(f"[study] {stage.name}: {'resuming' if resuming else 'running'}", flush=True)
         # What was in the folder before the stage first ran is not the stage's (a resumed stage keeps
@@ -379,16 +404,38 @@ class Study:
         print(f"[study] {name}: FAILED after {time.perf_counter() - start:.0f}s: {self.errors[name]}", flush=True)
 
     def run(self) -> int:
-        """Run the selected stages; returns 0 when every stage succeeded, 1 otherwise."""
+        """Run the selected stages; returns 0 when every stage succeeded, 1 otherwise.
+
+        Under DDP Lightning starts the other ranks by running this command again when the first
+        Trainer fits: they run the stages that rank zero chose (passed on in their environment, so
+        that every rank enters the same Trainers) and write nothing; rank zero writes every file."""
         self.validate()
         stages = self.stages()
+        if rank_zero_only.rank:
+            return self._follow_rank_zero(stages)
         self._claim_directory(stages)
-        for stage in stages:
-            if self.selected(stage):
-                self._run_stage(stage)
+        running = [stage for stage in stages if self.selected(stage) and self._to_run(stage)]
+        os.environ[RANKS_STAGES] = json.dumps([stage.name for stage in running])
+        for stage in running:
+            self._run_stage(stage)
         if "report" in self.config.stages:
             self._build_report(stages)
         return 1 if self.errors else 0
+
+    def _follow_rank_zero(self, stages: list[Stage]) -> int:
+        if RANKS_STAGES not in os.environ:
+            raise QlightError(
+                "this process is not rank zero and was not started by the study's rank zero: run the study as one "
+                "command with --trainer.strategy ddp (Lightning starts the other processes), not under torchrun"
+            )
+        names = json.loads(os.environ[RANKS_STAGES])
+        for stage in stages:
+            if stage.name in names:
+                try:
+                    stage.run()
+                except Exception:  # rank zero reports it; this rank goes on with the others
+                    continue
+        return 0
 
     def _build_report(self, stages: list[Stage]) -> None:
         for stage in stages:  # a report without the results of a stage that ran says so, and the exit code too
@@ -409,9 +456,16 @@ class Study:
 
     # --- building blocks ---------------------------------------------------------------------
     @functools.cached_property
-    def data(self) -> CIFAR100DataModule:
+    def data(self) -> LightningDataModule:
         """One DataModule for every stage: the dataset is read (or generated) once per study."""
-        return CIFAR100DataModule(**self.config.data.as_dict())
+        init_args = self.config.data.get("init_args")
+        try:
+            return self._data_class(**(init_args.as_dict() if init_args else {}))
+        except TypeError as err:  # the arguments do not fit its __init__
+            raise QlightError(f"{self.config.data.class_path}: {err}: fix the data's init_args") from None
+
+    def _keep(self) -> dict[str, bool]:
+        return {"keep_first": "first" in self.config.keep_float, "keep_last": "last" in self.config.keep_float}
 
     def _model(self, **overrides: Any) -> ImageClassifier:
         return ImageClassifier(**{**self.config.model.as_dict(), **overrides})
@@ -450,11 +504,16 @@ class Study:
         test = trainer.test(model, data, ckpt_path=str(self.baseline_ckpt), verbose=False)[0]
         summary = {
             "checkpoint": str(self.baseline_ckpt),
+            "model": _backbone_name(self.config.model.backbone),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "num_classes": model.hparams.num_classes,
+            "data": type(data).__name__,
             "test_acc1": test["test/acc1"],
             "test_acc5": test["test/acc5"],
             "train_seconds": time.perf_counter() - start,
         }
-        atomic_write_text(out / "baseline.json", json.dumps(summary, indent=2))
+        if trainer.is_global_zero:
+            atomic_write_text(out / "baseline.json", json.dumps(summary, indent=2))
 
     def _ptq(self) -> PostTrainingQuantization:
         ptq = self.config.ptq
@@ -465,6 +524,7 @@ class Study:
             run_on=["test"],
             calibration_batches=ptq.calibration_batches,
             output_dir=str(self.dir / "ptq"),
+            **self._keep(),
         )
 
     def run_ptq(self) -> None:
@@ -475,8 +535,13 @@ class Study:
         """QAT at ``bits`` for every layer, or from the plan the PTQ recipe ``bits`` saved."""
         name = f"qat_int{bits}" if isinstance(bits, int) else f"qat_{bits}"
         plan = bits if isinstance(bits, int) else str(self.dir / "ptq" / f"{bits}.plan.json")
+        keep = self._keep() if isinstance(bits, int) else {}  # a plan names its layers itself
         qat = QuantizationAwareTraining(
-            weight_bits=plan, baseline_ckpt=str(self.baseline_ckpt), eval_split="test", output_dir=str(self.dir / name)
+            weight_bits=plan,
+            baseline_ckpt=str(self.baseline_ckpt),
+            eval_split="test",
+            output_dir=str(self.dir / name),
+            **keep,
         )
         last, resume = self._last(name)
         seed_everything(self.config.seed)
@@ -495,6 +560,7 @@ class Study:
             baseline_ckpt=str(self.baseline_ckpt),
             eval_split="test",
             output_dir=str(self.dir / name),
+            **self._keep(),
         )
         last, resume = self._last(name)
         seed_everything(self.config.seed)
@@ -522,11 +588,13 @@ class Study:
             "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if self.on_gpu() else None,
             **stats.summary(),
         }
-        atomic_write_text(self.dir / name / "summary.json", json.dumps(summary, indent=2))
+        if trainer.is_global_zero:
+            atomic_write_text(self.dir / name / "summary.json", json.dumps(summary, indent=2))
 
 
-def study_main(argv: list[str]) -> int:
-    config = build_parser().parse_args(argv)
+def study_main(argv: list[str], data_class_path: str = DEFAULT_DATA) -> int:
+    """Run the study; ``data_class_path`` is the data class the arguments name (see ``qlight.cli``)."""
+    config = build_parser(data_class_path).parse_args(argv)
     study = Study(config)
     code = study.run()
     if code:

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torchao.quantization import IntxUnpackedToInt8Tensor
 from typing_extensions import override
 
 from qlight.errors import QlightError, QlightWarning
@@ -66,6 +67,7 @@ COLUMNS = [
     "compression",
     "quantized_modules",
     "quantized_params",
+    "kept_float",
     "images_per_s",
     "latency_ms",
     "device",
@@ -255,8 +257,11 @@ class PostTrainingQuantization(Callback):
                     "PTQ: the training loader gave no batch to calibrate with (fewer training images than one batch "
                     "when it drops incomplete batches?): give it more images or a smaller batch size"
                 )
+            # Each rank drew its own (shuffled) batches: all must quantize the same model.
+            calibration = trainer.strategy.broadcast(calibration)
         out = output_dir(trainer, self.output_dir, "ptq")
-        inputs = _RunInputs(source, targets, calibration, example_input(trainer, pl_module), out)
+        kept = [name for name in quantizable_modules(source) if name not in targets]
+        inputs = _RunInputs(source, targets, kept, calibration, example_input(trainer, pl_module), out)
         with exclusive_dir(out, "PostTrainingQuantization") if trainer.is_global_zero else contextlib.nullcontext():
             self.plans = {}
             rows = []
@@ -292,6 +297,7 @@ class PostTrainingQuantization(Callback):
             "method": recipe.method,
             "runtime": recipe.runtime,
             "calibration_batches": len(inputs.calibration) if recipe.calibrated else 0,
+            "kept_float": "" if isinstance(recipe, FloatCast) else ", ".join(inputs.kept),
         }
         try:
             device = torch.device("cpu") if recipe.static else pl_module.device
@@ -318,6 +324,8 @@ class PostTrainingQuantization(Callback):
                 self._write_plan(trainer, recipe, model, inputs.calibration_on(device), inputs)
             row.update(acc1=accuracy.acc1, acc5=accuracy.acc5, size_bytes=len(payload))
             row.update(_quantized_counts(model, recipe))
+            if not recipe.static and not isinstance(recipe, FloatCast):  # also what the recipe could not group
+                row["kept_float"] = ", ".join(_float_layers(model, inputs.source))
             if self.speed_repeats:
                 row.update(vars(measure_speed(model, example.to(recipe.input_dtype), self.speed_repeats)))
         except QlightError:
@@ -415,6 +423,7 @@ class _RunInputs:
 
     source: nn.Module  # the float model, eval mode
     targets: list[str]
+    kept: list[str]  # the Conv2d/Linear layers left in float (keep_first, keep_last)
     calibration: list[torch.Tensor]  # input batches, on the CPU
     example: torch.Tensor  # one test batch, to export static graphs
     out: Path
@@ -436,6 +445,15 @@ def _quantized_counts(model: nn.Module, recipe: Recipe) -> dict[str, int]:
         return {"quantized_modules": 0, "quantized_params": cast}
     weights = quantized_weight_sizes(model)
     return {"quantized_modules": len(weights), "quantized_params": sum(weights)}
+
+
+def _float_layers(model: nn.Module, source: nn.Module) -> list[str]:
+    """The Conv2d/Linear layers of ``source`` whose weights are still float in the eager ``model``."""
+    return [
+        name
+        for name in quantizable_modules(source)
+        if not isinstance(model.get_submodule(name).weight, IntxUnpackedToInt8Tensor)
+    ]
 
 
 def _finish_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -247,9 +247,10 @@ class QuantizationAwareTraining(QATResults):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         converted = self.convert(pl_module)
         example = example_input(trainer, pl_module)
-        speed = vars(measure_speed(converted, example))
-        row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, "converted", speed)
         targets = self._targets(pl_module)
+        kept = [name for name in quantizable_modules(pl_module) if name not in targets]
+        extra = {"kept_float": ", ".join(kept), **vars(measure_speed(converted, example))}
+        row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, "converted", extra)
         payload = quantized_bytes(converted, self.recipe, targets, pl_module, example)
         if trainer.is_global_zero:
             path = self._out(trainer) / "model.pt"

@@ -131,6 +131,7 @@ class StaticQuantizationAwareTraining(QATResults):
         self.keep_first = keep_first
         self.keep_last = keep_last
         self.baseline_ckpt = baseline_ckpt
+        self._kept: list[str] = []  # the layers left in float, named when the network is prepared
         super().__init__(eval_every_epoch, eval_split, output_dir)
 
     @staticmethod
@@ -216,6 +217,7 @@ class StaticQuantizationAwareTraining(QATResults):
     def _prepare(self, network: nn.Module, example: torch.Tensor) -> nn.Module:
         quantized = quantizable_modules(network, self.keep_first, self.keep_last)
         kept = [name for name in quantizable_modules(network) if name not in quantized]
+        self._kept = [f"{self.network}.{name}" for name in kept]  # named in the LightningModule, as PTQ does
         quantizer = x86_quantizer(self.weight_bits, is_qat=True, float_modules=kept)
         try:
             prepared = pt2e.prepare(network, example, quantizer)
@@ -269,9 +271,9 @@ class StaticQuantizationAwareTraining(QATResults):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         deployed = self.convert(pl_module)
         example = example_input(trainer, pl_module).to(_CPU)
-        speed = vars(measure_speed(deployed, example))
+        extra = {"kept_float": ", ".join(self._kept), **vars(measure_speed(deployed, example))}
         epoch = trainer.current_epoch
-        row = self._record(trainer, pl_module, deployed, "test", epoch, "converted", speed, device=_CPU)
+        row = self._record(trainer, pl_module, deployed, "test", epoch, "converted", extra, device=_CPU)
         payload = quantized_bytes(deployed, self.recipe, [], pl_module, example)
         if trainer.is_global_zero:
             path = self._out(trainer) / "model.pt2"

@@ -24,7 +24,18 @@ from qlight.quantization.callbacks.lightning_plumbing import (
 )
 from qlight.tables import write_results
 
-COLUMNS = ["epoch", "split", "fake_quant", "acc1", "acc5", "images_per_s", "latency_ms", "device", "seconds"]
+COLUMNS = [
+    "epoch",
+    "split",
+    "fake_quant",
+    "acc1",
+    "acc5",
+    "kept_float",
+    "images_per_s",
+    "latency_ms",
+    "device",
+    "seconds",
+]
 EVAL_SPLITS = ("val", "test")
 
 
