@@ -63,7 +63,9 @@ def test_the_study_runs_on_a_user_model_and_datamodule_given_by_class_path(user_
     report = (study / "report.md").read_text()
     parameters = sum(p.numel() for p in ImageClassifier("digits.DigitsCNN", num_classes=10).parameters())
     assert f"Model: digits.DigitsCNN ({parameters:,} parameters, 10 classes); data: DigitsData" in report
-    assert "layers kept in float: last" in report and "every Conv2d and Linear but the last (kept in float)" in report
+    assert "layers kept in float: last" in report
+    assert "Every Conv2d and Linear but the last (kept in float); sizes" in report  # PTQ
+    assert "fake-quant on every Conv2d and Linear but the last (kept in float)" in report  # QAT
     rows = {r["recipe"]: r for r in read_csv(study / "ptq" / "results.csv")}
     assert rows["fp32"]["kept_float"] == "" and float(rows["fp32"]["acc1"]) > 0.9  # real digits, trained
     for name in ("int8", "int3", "int2", "int8_static"):

@@ -62,7 +62,12 @@ def _quantized_layers(cfg: dict[str, Any]) -> str:
 
 def _ptq_section(results: dict[str, Any]) -> list[str]:
     which = _quantized_layers(results["config"])
-    lines = ["## Post-training quantization", "", f"{which.capitalize()}; sizes are bytes of the saved file.", ""]
+    lines = [
+        "## Post-training quantization",
+        "",
+        f"{which[0].upper()}{which[1:]}; sizes are bytes of the saved file.",
+        "",
+    ]
     if not results["ptq"]:
         return [*lines, "(no PTQ results)", ""]
     rows = []
