@@ -78,7 +78,7 @@ def load_torch_file(path: str | Path, what: str = "file", map_location: str | to
 
 def _create_lock(lock: Path, owner: str) -> bool:
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
     except OSError as err:

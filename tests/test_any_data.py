@@ -19,6 +19,7 @@ from qlight import CIFAR10DataModule, ImageClassifier, ImageFolderDataModule
 from qlight.cli import main
 from qlight.data import load_cifar
 from qlight.errors import QlightError
+from qlight.study.report import build_report
 from qlight.tables import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,14 @@ def test_the_study_runs_on_a_user_model_and_datamodule_given_by_class_path(user_
     for stage in ("qat_int3", "qat_w8a8"):
         (converted,) = [r for r in read_csv(study / stage / "results.csv") if r["fake_quant"] == "converted"]
         assert converted["kept_float"] == "model.head.3"
+
+
+def test_a_second_report_replaces_the_first_in_tensorboard(user_study):
+    study = user_study[0] / "study"
+    events = sorted(p.name for p in (study / "tensorboard").glob("events.out.tfevents.*"))
+    build_report(study)
+    again = sorted(p.name for p in (study / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(again) == len(events) > 0 and again != events
 
 
 def test_the_study_under_ddp_gives_the_ptq_table_of_one_process(user_study, tmp_path):

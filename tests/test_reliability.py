@@ -6,6 +6,7 @@ import copy
 import io
 import pathlib
 import socket
+import stat
 import subprocess
 import sys
 import zipfile
@@ -29,10 +30,11 @@ from qlight import (
 )
 from qlight.cli import main
 from qlight.data import ensure_cifar
-from qlight.files import SAFE_GLOBALS_ENV, load_torch_file
+from qlight.files import SAFE_GLOBALS_ENV, exclusive_dir, load_torch_file
 from qlight.quantization import parse_recipe, quantizable_modules
 from qlight.quantization.io.serialization import quantized_bytes
-from qlight.quantization.recipes.static import export_batched
+from qlight.quantization.qat import pt2e
+from qlight.quantization.recipes.static import export_batched, x86_quantizer
 from qlight.tables import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +199,30 @@ def test_broken_files_and_another_architecture_are_one_line(int4_file, tmp_path)
         QuantizationAwareTraining(baseline_ckpt=str(random)).setup(trainer(tmp_path), DigitsNet(), "fit")
 
 
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.mean() > 0 else -y  # strict export cannot trace a branch on a value
+
+
+def test_torch_prints_nothing_before_the_one_line_of_a_bad_pt2_or_an_untraceable_network(tmp_path, capfd):
+    source = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    targets, recipe = quantizable_modules(source), parse_recipe("int8")
+    weights = quantized_bytes(recipe.quantize(copy.deepcopy(source), targets), recipe, targets, source, None)
+    renamed = tmp_path / "int8.pt2"  # a .pt under a .pt2 name
+    renamed.write_bytes(weights)
+    with pytest.raises(QlightError, match="cannot be loaded as an exported program"):
+        load_quantized(renamed)
+    with pytest.raises(QlightError, match=r"cannot trace DataDependent at .*: return y if y.mean\(\) > 0"):
+        pt2e.prepare(DataDependent(), torch.randn(2, 3, 8, 8), x86_quantizer(8, is_qat=True))
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
 def nan_checkpoint(tmp_path, digits_checkpoint) -> Path:
     checkpoint = torch.load(digits_checkpoint, weights_only=True)
     checkpoint["state_dict"]["net.3.weight"][0, 0, 0, 0] = float("nan")
@@ -293,6 +319,12 @@ def test_a_second_writer_of_an_output_dir_is_refused(tmp_path, digits_checkpoint
     trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(digits_checkpoint))
     assert {r["recipe"] for r in read_csv(out / "results.csv")} == {"fp32", "int8"}
     assert not (out / ".qlight.lock").exists()
+
+
+def test_the_lock_is_a_plain_file_not_an_executable_one(tmp_path):
+    with exclusive_dir(tmp_path, "PostTrainingQuantization"):
+        mode = stat.S_IMODE((tmp_path / ".qlight.lock").stat().st_mode)
+    assert mode & 0o111 == 0 and mode & 0o600 == 0o600
 
 
 def test_a_corrupt_archive_is_kept_even_without_checksums(tmp_path):

@@ -226,6 +226,9 @@ def _markdown(results: dict[str, Any], images: list[str]) -> str:
 
 
 def _tensorboard(root: Path, results: dict[str, Any], drawn: dict[str, plt.Figure], report: str) -> None:
+    # The folder is the report's own: an earlier report's event files would stack up in TensorBoard.
+    for old in (root / "tensorboard").glob("events.out.tfevents.*"):
+        old.unlink(missing_ok=True)
     writer = SummaryWriter(str(root / "tensorboard"))
     for name, fig in drawn.items():
         writer.add_figure(f"study/{name}", fig)

@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -333,10 +334,23 @@ def _check_pt2(path: Path) -> None:
         raise QlightError(f"{path} is not a .pt2 archive or is corrupt") from None
 
 
+@contextlib.contextmanager
+def _quiet_export_log() -> Iterator[None]:
+    # torch.export.load logs a traceback (warning) for a damaged archive before it raises; the raised
+    # error becomes qlight's one line.
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load_pt2(path: Path) -> nn.Module:
     _check_pt2(path)
     try:
-        with _weights_only_loads(), _shape_expressions_only(path):
+        with _weights_only_loads(), _shape_expressions_only(path), _quiet_export_log():
             graph = torch.export.load(str(path)).module()
     except QlightError:
         raise

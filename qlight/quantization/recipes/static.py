@@ -3,7 +3,10 @@ ONNX Runtime."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -77,10 +80,18 @@ class StaticPT2E:
 
 
 def export_batched(model: nn.Module, example: Tensor, strict: bool = False) -> torch.export.ExportedProgram:
-    """``torch.export`` with a dynamic batch dimension, so any batch size runs the graph."""
+    """``torch.export`` with a dynamic batch dimension, so any batch size runs the graph. What export
+    writes to stderr is passed on when it succeeds and dropped when it fails: dynamo prints the graph
+    it gave up on (25-150 lines), and the caller's one-line error names the code instead."""
     if len(example) < 2:  # export specializes a size-1 dimension to a constant
         example = example[:1].expand(2, *example.shape[1:]).contiguous()
-    return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=strict)
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        program = torch.export.export(
+            model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=strict
+        )
+    sys.stderr.write(held.getvalue())
+    return program
 
 
 def x86_quantizer(weight_bits: int, is_qat: bool = False, float_modules: Iterable[str] = ()):
