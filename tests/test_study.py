@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -332,21 +334,27 @@ def test_precision_stats_counts_gradscaler_changes_on_the_device():
     assert summary == {"skipped_steps": 2, "scale_decreases": 2, "scale_increases": 1, "final_scale": 16384.0}
 
 
-def test_a_study_killed_mid_qat_resumes_at_the_epoch_it_was_in(tmp_path):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_study_killed_mid_qat_resumes_at_the_epoch_it_was_in(tmp_path, devices):
     root = tmp_path / "study"
     args = [sys.executable, "-m", "qlight", "study", "--config", str(ROOT / "configs/study_smoke.yaml")]
     args += [f"--study_dir={root}", *TINY, "--stages=[baseline, qat]", "--qat.bits=[4]", "--qat.epochs=3"]
-    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    if devices > 1:  # Lightning's DDP on the CPU (gloo): rank 0 starts rank 1 by running the command again
+        args += [f"--trainer.devices={devices}", "--trainer.strategy=ddp"]
+    env = {k: v for k, v in os.environ.items() if k != "QLIGHT_STUDY_STAGES"}
+    first = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env, start_new_session=True
+    )
     last = root / "qat_int4" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not last.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    first.kill()  # SIGKILL, during QAT's second epoch
+    os.killpg(first.pid, signal.SIGKILL)  # every rank, during QAT's second epoch
     first.wait()
     assert last.exists(), "QAT wrote no checkpoint after its first epoch"
     events = sorted((root / "qat_int4" / "tensorboard").glob("events.out.tfevents.*"))
 
-    rerun = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    rerun = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "[study] baseline: skipped" in rerun.stdout and "[study] qat_int4: resuming" in rerun.stdout
     rows = read_csv(root / "qat_int4" / "results.csv")
@@ -354,5 +362,5 @@ def test_a_study_killed_mid_qat_resumes_at_the_epoch_it_was_in(tmp_path):
     # The rerun's own TensorBoard file starts after the first epoch: that epoch was not trained again.
     (new,) = set((root / "qat_int4" / "tensorboard").glob("events.out.tfevents.*")) - set(events)
     steps = [event.step for event in EventAccumulator(str(new)).Reload().Scalars("train/loss")]
-    steps_per_epoch = (256 - 64) // 32
+    steps_per_epoch = (256 - 64) // 32 // devices  # each rank trains on its shard
     assert steps and min(steps) >= steps_per_epoch, steps
