@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torchvision.io import write_png
 
@@ -65,6 +66,7 @@ def test_the_study_runs_on_a_user_model_and_datamodule_given_by_class_path(user_
     parameters = sum(p.numel() for p in ImageClassifier("digits.DigitsCNN", num_classes=10).parameters())
     assert f"Model: digits.DigitsCNN ({parameters:,} parameters, 10 classes); data: DigitsData" in report
     assert "layers kept in float: last" in report
+    assert "on 397 test images: one image is 0.25 points." in report  # what a difference of one image weighs
     assert "Every Conv2d and Linear but the last (kept in float); sizes" in report  # PTQ
     assert "fake-quant on every Conv2d and Linear but the last (kept in float)" in report  # QAT
     rows = {r["recipe"]: r for r in read_csv(study / "ptq" / "results.csv")}
@@ -82,6 +84,9 @@ def test_a_second_report_replaces_the_first_in_tensorboard(user_study):
     build_report(study)
     again = sorted(p.name for p in (study / "tensorboard").glob("events.out.tfevents.*"))
     assert len(again) == len(events) > 0 and again != events
+    scalars = EventAccumulator(str(study / "tensorboard")).Reload()
+    series = scalars.Scalars("study/acc1_vs_bits/per_channel_rtn")
+    assert [event.step for event in series] == [2, 3, 8]  # int2, int3, int8 of one method: one chart
 
 
 def test_the_study_under_ddp_gives_the_ptq_table_of_one_process(user_study, tmp_path):

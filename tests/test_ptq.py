@@ -230,3 +230,29 @@ def test_ddp_gives_the_same_table_as_one_process(tmp_path, digits_checkpoint):
         rows = _rows(out / "results.csv")
         tables[devices] = {k: {c: v for c, v in r.items() if c not in timings} for k, r in rows.items()}
     assert tables[1] == tables[2]
+
+
+def test_each_row_keeps_the_name_it_was_asked_for_by(tmp_path):
+    ptq = PostTrainingQuantization(
+        ["int3@per_channel", "int4"], methods=["rtn", "gptq"], output_dir=str(tmp_path), speed_repeats=0
+    )
+    trainer(tmp_path, [ptq]).test(DigitsNet())
+    rows = {row["recipe"]: row["requested"] for row in read_csv(tmp_path / "results.csv")}
+    assert rows == {
+        "fp32": "fp32",
+        "int3": "int3@per_channel",
+        "int3+gptq": "int3@per_channel",
+        "int4": "int4",
+        "int4+gptq": "int4",
+    }
+
+
+def test_speed_is_measured_for_the_chosen_recipes_only(tmp_path):
+    ptq = PostTrainingQuantization(
+        ["int8", "int4@per_channel"], output_dir=str(tmp_path), speed_recipes=["int4@per_channel"]
+    )
+    trainer(tmp_path, [ptq]).test(DigitsNet())
+    timed = {row["recipe"]: row["images_per_s"] != "" for row in read_csv(tmp_path / "results.csv")}
+    assert timed == {"fp32": False, "int8": False, "int4": True}
+    with pytest.raises(QlightError, match="speed_recipes names int2, which recipes does not"):
+        PostTrainingQuantization(["int8"], speed_recipes=["int2"])

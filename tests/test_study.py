@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import matplotlib.image
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -16,6 +18,8 @@ from qlight import load_quantized
 from qlight.cli import main
 from qlight.quantization.recipes.plans import realised_plan
 from qlight.study import cast_outcomes, epochs_to_match, first_bits_with_gap, fit_bit_curve
+from qlight.study.curves import BitCurve
+from qlight.study.figures import CAPTIONS, _plot_precision_numerics
 from qlight.study.report import build_report
 from qlight.study.runner import Study, build_parser
 from qlight.tables import read_csv
@@ -32,6 +36,38 @@ def test_bit_curve_recovers_known_parameters():
     assert curve.bits_for_gap(reference=0.7, gap=0.01) == pytest.approx(math.log(320, 4))
     # gaps: 2 bits 0.2, 3 bits 0.05, 4 bits 0.0125, 6 bits 0.00078
     assert first_bits_with_gap(bits, acc, reference=0.7, gap=0.01) == 4
+
+
+def test_a_curve_that_misses_the_points_is_not_a_fit():
+    bits = [2, 3, 4, 6, 8]
+    follows = [0.7 - 3.2 * 4.0**-b for b in bits]
+    assert fit_bit_curve(bits, follows).fits(bits, follows, reference=0.7, tolerance=0.01)
+    flat = [0.99] * 5  # nothing falls: no drop to fit
+    assert not fit_bit_curve(bits, flat).fits(bits, flat, reference=0.99, tolerance=0.01)
+    cliff = [0.10, 0.95, 0.99, 0.99, 0.99]  # a collapse at 2 bits only: 4^-b cannot bend that sharply
+    curve = fit_bit_curve(bits, cliff)
+    assert curve.max_error(bits, cliff) > 0.1 and not curve.fits(bits, cliff, reference=0.99, tolerance=0.01)
+    above = [0.75 - 3.2 * 4.0**-b for b in bits]  # a plateau 5 points above the float model's accuracy
+    assert not fit_bit_curve(bits, above).fits(bits, above, reference=0.7, tolerance=0.01)
+    assert BitCurve(plateau=0.7, drop=0.02).bits_for_gap(reference=0.7, gap=0.01) is None  # at 0.5 bits
+
+
+def test_the_numerics_figure_has_a_panel_per_tensor_kind_and_a_colour_per_run():
+    shares = {"overflow_share": 0.0, "underflow_share": 1e-4, "subnormal_share": 0.02}
+    values = {f"{kind}/{dtype}": shares for kind in ("activation", "gradient") for dtype in ("fp16", "bf16")}
+    fig, ax = plt.subplots()
+    assert _plot_precision_numerics(
+        {"precision": {"16-mixed": {"values": values}, "bf16-mixed": {"values": values}}}, ax
+    )
+    assert [panel.get_title() for panel in fig.axes] == [
+        "activations cast to fp16 / bf16",
+        "gradients cast to fp16 / bf16",
+    ]
+    assert [len(panel.patches) for panel in fig.axes] == [12, 12]  # 3 outcomes x 2 formats x 2 runs
+    assert {patch.get_facecolor() for patch in fig.axes[0].patches[:6]} != {
+        p.get_facecolor() for p in fig.axes[0].patches[6:]
+    }
+    plt.close(fig)
 
 
 def test_first_gap_and_epochs_to_match_on_made_up_numbers():
@@ -126,6 +162,9 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     assert "[study] qat_int4: done" in second and "[study] qat_w8a8: done" in second
     assert f"[study] qat_mixed@3+{best}: done" in second
     assert "[study] report: done" in second
+    # After the first QAT stage, the time left: 3 more QAT stages and the precision run.
+    left = r"\[study\] qat_int4: done in \d+s\n\[study\] about \d+\.\d min left: \d+ training epochs in 4 stages at "
+    assert re.search(left + r"\d+\.\d s/epoch measured so far\n", second), second
 
     root = tmp_path / "study"
     report = (root / "report.md").read_text()
@@ -143,6 +182,7 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     for png in pngs:
         image = matplotlib.image.imread(png)
         assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.01  # a drawn plot, not blank
+        assert f"![{png.stem}]({png.name})\n\n*{CAPTIONS[png.stem]}*" in report  # with what to look for
     results = json.loads((root / "results.json").read_text())
     # RTN and the best method side by side at every bit-width: two curves, and the bits one saves.
     assert set(results["bit_curves"]) == {"per_channel rtn", f"per_channel {best}"}  # mixed rows are not uniform

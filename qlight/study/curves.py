@@ -19,11 +19,22 @@ class BitCurve:
         return self.plateau - self.drop * 4.0 ** (-bits)
 
     def bits_for_gap(self, reference: float, gap: float) -> float | None:
-        """The (fractional) bit-width where the curve falls ``gap`` below ``reference``."""
+        """The (fractional) bit-width where the curve falls ``gap`` below ``reference``; ``None`` when it
+        never does, or only below 1 bit (outside what was measured and what means anything)."""
         room = self.plateau - reference + gap
         if self.drop <= 0 or room <= 0:
             return None
-        return -math.log(room / self.drop, 4)
+        bits = -math.log(room / self.drop, 4)
+        return bits if bits >= 1 else None
+
+    def max_error(self, bits: Sequence[int], acc: Sequence[float]) -> float:
+        """The largest distance between the curve and a measured point."""
+        return max(abs(self(b) - a) for b, a in zip(bits, acc, strict=True))
+
+    def fits(self, bits: Sequence[int], acc: Sequence[float], reference: float, tolerance: float) -> bool:
+        """Whether the curve describes the points: within ``tolerance`` of each, falling with fewer bits,
+        and not promising more than ``tolerance`` above ``reference`` (the float model) at many bits."""
+        return self.drop > 0 and self.max_error(bits, acc) <= tolerance and self.plateau <= reference + tolerance
 
 
 def fit_bit_curve(bits: Sequence[int], acc: Sequence[float]) -> BitCurve:

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt
 from torch.utils.tensorboard import SummaryWriter
 
 from qlight.files import atomic_write_bytes, atomic_write_text
-from qlight.study.figures import figures
-from qlight.study.results import collect
+from qlight.study.figures import CAPTIONS, figures
+from qlight.study.results import collect, weight_only_series
 from qlight.tables import markdown_table
 
 # --- markdown, one function per section ----------------------------------------------------------
@@ -51,7 +51,9 @@ def _header(results: dict[str, Any]) -> list[str]:
     ]
     if b:
         top = f"top-1 {_pct(b['test_acc1'])}%, top-5 {_pct(b['test_acc5'])}%"
-        lines += [f"Baseline test {top} ({b['checkpoint']}).", ""]
+        images = b.get("test_images")
+        resolution = f" on {images:,} test images: one image is {100 / images:.2f} points" if images else ""
+        lines += [f"Baseline test {top} ({b['checkpoint']}){resolution}.", ""]
     return lines
 
 
@@ -107,12 +109,19 @@ def _bit_curve_section(results: dict[str, Any]) -> list[str]:
         return [*lines, "(needs fp32 and at least two integer bit-widths)", ""]
     lines += [f"Fitted model: {results['bit_curve_model']}.", ""]
     for label, curve in curves.items():
-        fitted = curve["bits_gap_1pt_fitted"]
-        lines.append(
-            f"- {label}: plateau {_pct(curve['plateau'])}%, drop {curve['drop']:.3f}; first measured bit-width more "
-            f"than 1 point below fp32: {curve['first_bits_gap_over_1pt_measured'] or 'none'}; the fit crosses "
-            f"1 point at {_bits(fitted)} bits."
-        )
+        measured = curve["first_bits_gap_over_1pt_measured"] or "none"
+        if curve["fits"]:
+            fit = (
+                f"plateau {_pct(curve['plateau'])}%, drop {curve['drop']:.3f}, within "
+                f"{100 * curve['max_error']:.2f} points of every measured point; the fit crosses 1 point at "
+                f"{_bits(curve['bits_gap_1pt_fitted'])} bits"
+            )
+        else:
+            fit = (
+                f"the model does not describe these points (off by up to {100 * curve['max_error']:.2f} points, "
+                f"drop {curve['drop']:.3f}, plateau {_pct(curve['plateau'])}%): no curve drawn, no fitted crossing"
+            )
+        lines.append(f"- {label}: first measured bit-width more than 1 point below fp32: {measured}; {fit}.")
     lines.append("")
     lines += [_saving_line(saving) for saving in results["method_savings"]]
     return [*lines, ""] if results["method_savings"] else lines
@@ -219,7 +228,9 @@ def _precision_section(results: dict[str, Any]) -> list[str]:
 def _markdown(results: dict[str, Any], images: list[str]) -> str:
     lines = _header(results) + _ptq_section(results) + _plan_section(results) + _bit_curve_section(results)
     lines += _qat_section(results) + _precision_section(results)
-    lines += ["## Plots", ""] + [f"![{name}]({name}.png)" for name in images] + [""]
+    lines += ["## Plots", ""]
+    for name in images:
+        lines += [f"![{name}]({name}.png)", "", f"*{CAPTIONS[name]}*", ""]
     if results["errors"]:
         lines += ["## Stages that failed", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()] + [""]
     return "\n".join(lines)
@@ -232,6 +243,9 @@ def _tensorboard(root: Path, results: dict[str, Any], drawn: dict[str, plt.Figur
     writer = SummaryWriter(str(root / "tensorboard"))
     for name, fig in drawn.items():
         writer.add_figure(f"study/{name}", fig)
+    for label, points in weight_only_series(results["ptq"]).items():  # one chart per series, step = bits
+        for bits, acc1 in points:
+            writer.add_scalar(f"study/acc1_vs_bits/{label.replace(' ', '_')}", acc1, global_step=bits)
     metrics = {f"ptq/{r['recipe']}/acc1": r["acc1"] for r in results["ptq"] if r.get("acc1") is not None}
     for q in results["qat"].values():
         if q["converted_acc1"] is not None:

@@ -76,11 +76,14 @@ def _bit_curve(points: list[tuple[int, float]], fp32: float) -> dict[str, Any] |
     if len(set(bits)) < 2:
         return None
     fit = fit_bit_curve(bits, acc)
+    fits = fit.fits(bits, acc, fp32, GAP)
     return {
         "plateau": fit.plateau,
         "drop": fit.drop,
+        "max_error": fit.max_error(bits, acc),
+        "fits": fits,
         "first_bits_gap_over_1pt_measured": first_bits_with_gap(bits, acc, fp32, GAP),
-        "bits_gap_1pt_fitted": fit.bits_for_gap(fp32, GAP),
+        "bits_gap_1pt_fitted": fit.bits_for_gap(fp32, GAP) if fits else None,
     }
 
 
@@ -115,9 +118,8 @@ def method_savings(ptq: list[dict[str, Any]], fp32: float) -> list[dict[str, Any
 
 
 def _bits_for_gap(points: list[tuple[int, float]], fp32: float) -> float | None:
-    if len({b for b, _ in points}) < 2:
-        return None
-    return fit_bit_curve(*zip(*points, strict=True)).bits_for_gap(fp32, GAP)
+    curve = _bit_curve(points, fp32)
+    return curve and curve["bits_gap_1pt_fitted"]
 
 
 def _best_ptq_at(ptq: list[dict[str, Any]], bits: int) -> dict[str, dict[str, Any] | None]:

@@ -127,6 +127,7 @@ class Stage:
     fingerprint: dict[str, Any]  # the settings its results depend on
     run: Callable[[], None] = field(repr=False)
     result: str = "results.csv"  # the file in its folder that the report reads
+    epochs: int = 0  # training epochs it runs, for the estimate of the time left
 
     @property
     def group(self) -> str:
@@ -221,25 +222,28 @@ class Study:
         # Input files enter by content: the same path with other bytes redoes the stages built on it.
         baseline = {**self._common(), "baseline": _plain({**cfg.baseline, "ckpt_sha256": self._inputs["ckpt"]})}
         ptq = _plain({**cfg.ptq, "keep_float": cfg.keep_float, "plans_sha256": self._inputs["plans"]})
+        trained = 0 if cfg.baseline.ckpt else cfg.baseline.epochs
         stages = [
-            Stage("baseline", baseline, self.train_baseline, "baseline.json"),
+            Stage("baseline", baseline, self.train_baseline, "baseline.json", trained),
             Stage("ptq", {"baseline": baseline, "ptq": ptq}, self.run_ptq),
         ]
         qat = {"epochs": cfg.qat.epochs, "lr": cfg.qat.lr, "keep_float": cfg.keep_float}
         for bits in cfg.qat.bits:
             fingerprint = {"baseline": baseline, "qat": {**qat, "bits": bits}}
-            stages.append(Stage(f"qat_int{bits}", fingerprint, functools.partial(self.run_qat, bits)))
+            run = functools.partial(self.run_qat, bits)
+            stages.append(Stage(f"qat_int{bits}", fingerprint, run, epochs=cfg.qat.epochs))
         for recipe in cfg.qat.plans:  # the plan comes from the PTQ stage
             fingerprint = {"baseline": baseline, "ptq": ptq, "qat": {**qat, "plan": recipe}}
-            stages.append(Stage(f"qat_{recipe}", fingerprint, functools.partial(self.run_qat, recipe)))
+            run = functools.partial(self.run_qat, recipe)
+            stages.append(Stage(f"qat_{recipe}", fingerprint, run, epochs=cfg.qat.epochs))
         if cfg.qat.static:
             fingerprint = {"baseline": baseline, "qat": {**qat, "static": True}}
-            stages.append(Stage("qat_w8a8", fingerprint, self.run_qat_w8a8))
+            stages.append(Stage("qat_w8a8", fingerprint, self.run_qat_w8a8, epochs=cfg.qat.epochs))
         precision = {"epochs": cfg.precision.epochs, "sample_every_n_steps": cfg.precision.sample_every_n_steps}
         for name in self.precisions():
             fingerprint = {**self._common(), "precision": {**precision, "precision": name}}
             run = functools.partial(self.run_precision, name)
-            stages.append(Stage(f"precision_{name}", fingerprint, run, "summary.json"))
+            stages.append(Stage(f"precision_{name}", fingerprint, run, "summary.json", cfg.precision.epochs))
         return stages
 
     @functools.cached_property
@@ -373,7 +377,8 @@ class Study:
             print(f"[study] {stage.name}: {stage.result} is missing, running it again", flush=True)
         return True
 
-    def _run_stage(self, stage: Stage) -> None:
+    def _run_stage(self, stage: Stage) -> float | None:
+        """Run ``stage``; returns its seconds, ``None`` if it failed."""
         folder = self.dir / stage.name
         marker_path = folder / "stage.json"
         marker = _read_marker(marker_path)
@@ -386,17 +391,18 @@ class Study:
         state = {"fingerprint": stage.fingerprint, "before": before}
         atomic_write_text(marker_path, json.dumps({**state, "done": False}, indent=2))
         start = time.perf_counter()
+        seconds = None
         try:
             stage.run()
-            done = True
         except Exception as err:  # a failed stage is reported and the others go on
             self._record_failure(stage.name, err, start)
-            done = False
         else:
-            print(f"[study] {stage.name}: done in {time.perf_counter() - start:.0f}s", flush=True)
+            seconds = time.perf_counter() - start
+            print(f"[study] {stage.name}: done in {seconds:.0f}s", flush=True)
         written = sorted(_files(folder) - set(before))
-        atomic_write_text(marker_path, json.dumps({**state, "files": written, "done": done}, indent=2))
+        atomic_write_text(marker_path, json.dumps({**state, "files": written, "done": seconds is not None}, indent=2))
         atomic_write_text(self.dir / "errors.json", json.dumps(self.errors, indent=2))
+        return seconds
 
     def _record_failure(self, name: str, err: Exception, start: float) -> None:
         self.errors[name] = f"{type(err).__name__}: {err}".splitlines()[0]
@@ -416,8 +422,13 @@ class Study:
         self._claim_directory(stages)
         running = [stage for stage in stages if self.selected(stage) and self._to_run(stage)]
         os.environ[RANKS_STAGES] = json.dumps([stage.name for stage in running])
-        for stage in running:
-            self._run_stage(stage)
+        trained = [0.0, 0]  # seconds and epochs of the training stages so far
+        for index, stage in enumerate(running):
+            seconds = self._run_stage(stage)
+            if seconds is not None and stage.epochs:
+                trained = [trained[0] + seconds, trained[1] + stage.epochs]
+            if trained[1] and running[index + 1 :]:
+                print(f"[study] {_time_left(running[index + 1 :], trained[0] / trained[1])}", flush=True)
         if "report" in self.config.stages:
             self._build_report(stages)
         return 1 if self.errors else 0
@@ -510,6 +521,7 @@ class Study:
             "data": type(data).__name__,
             "test_acc1": test["test/acc1"],
             "test_acc5": test["test/acc5"],
+            "test_images": _test_images(data),
             "train_seconds": time.perf_counter() - start,
         }
         if trainer.is_global_zero:
@@ -590,6 +602,32 @@ class Study:
         }
         if trainer.is_global_zero:
             atomic_write_text(self.dir / name / "summary.json", json.dumps(summary, indent=2))
+
+
+def _time_left(stages: list[Stage], seconds_per_epoch: float) -> str:
+    """The estimate printed after each stage: the epochs left at the seconds per epoch measured so far
+    (QAT and W8A8 epochs cost more than the baseline's, a resumed stage less)."""
+    epochs = sum(stage.epochs for stage in stages)
+    untimed = [stage.name for stage in stages if not stage.epochs]
+    timed = len(stages) - len(untimed)
+    extra = f", plus {', '.join(untimed)} (no estimate)" if untimed else ""
+    if not epochs:
+        return f"left: {', '.join(untimed)} (no estimate)"
+    return (
+        f"about {epochs * seconds_per_epoch / 60:.1f} min left: {epochs} training epochs in {timed} stages at "
+        f"{seconds_per_epoch:.1f} s/epoch measured so far{extra}"
+    )
+
+
+def _test_images(data: LightningDataModule) -> int | None:
+    """The test set's size, where its loader tells it without a pass over the data."""
+    loader = data.test_dataloader()
+    for source in (getattr(loader, "dataset", None), getattr(loader, "labels", None)):
+        try:
+            return len(source)
+        except TypeError:
+            continue
+    return None
 
 
 def study_main(argv: list[str], data_class_path: str = DEFAULT_DATA) -> int:

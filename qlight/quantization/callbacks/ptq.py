@@ -55,6 +55,7 @@ from qlight.tables import markdown_table, write_results
 MANIFEST = "ptq_files.json"  # the files the last run wrote into the output folder
 COLUMNS = [
     "recipe",
+    "requested",
     "bits",
     "granularity",
     "method",
@@ -119,8 +120,12 @@ class PostTrainingQuantization(Callback):
             ``latency_ms`` (one image), medians on the recipe's device after an untimed warm-up (so
             a compiled recipe's compile time shows in ``quantize_seconds`` and ``seconds``, not in
             its speed); 0 skips the measurement.
+        speed_recipes: time only these recipes (names as given in ``recipes``, or the names of their
+            rows); ``None`` times every one.
 
-    A row's ``note`` says what the result depends on, e.g. ``no BatchNorm: nothing re-estimated``
+    A row's ``recipe`` is the recipe's own name and ``requested`` the name it was asked for by
+    (``int3@per_channel`` runs as ``int3``, the default granularity). A row's ``note`` says what the
+    result depends on, e.g. ``no BatchNorm: nothing re-estimated``
     or the layers where GPTQ fell back to round-to-nearest (also given as warnings).
 
     Raises:
@@ -160,9 +165,13 @@ class PostTrainingQuantization(Callback):
         output_dir: str | None = None,
         save_models: bool = True,
         speed_repeats: int = 5,
+        speed_recipes: Sequence[str] | None = None,
     ) -> None:
-        parsed = self._validate(recipes, granularity, methods, run_on, calibration_batches, eval_batches, speed_repeats)
-        self.recipes: list[Recipe] = parsed
+        self.recipes: list[Recipe]
+        self.requested: dict[str, str]  # each recipe's name -> the name it was asked for by
+        self.recipes, self.requested = self._validate(
+            recipes, granularity, methods, run_on, calibration_batches, eval_batches, speed_repeats
+        )
         self.run_on = set(run_on)
         self.keep_first = keep_first
         self.keep_last = keep_last
@@ -171,6 +180,10 @@ class PostTrainingQuantization(Callback):
         self.output_dir = output_dir
         self.save_models = save_models
         self.speed_repeats = speed_repeats
+        self.speed_recipes = None if speed_recipes is None else set(speed_recipes)
+        unknown = sorted((self.speed_recipes or set()) - set(self.requested) - set(self.requested.values()))
+        if unknown:
+            raise QlightError(f"speed_recipes names {', '.join(unknown)}, which recipes does not: time one of them")
         self.results: list[dict[str, Any]] = []  # rows of the last run, as written to results.csv
         self.plans: dict[str, dict[str, int]] = {}  # bits per layer of the last run's mixed recipes
 
@@ -183,11 +196,12 @@ class PostTrainingQuantization(Callback):
         calibration_batches: int,
         eval_batches: int | None,
         speed_repeats: int,
-    ) -> list[Recipe]:
-        """Check every argument; returns the recipes to run, ``fp32`` first."""
+    ) -> tuple[list[Recipe], dict[str, str]]:
+        """Check every argument; returns the recipes to run, ``fp32`` first, and the name each was asked for
+        by."""
         if isinstance(recipes, str) or not recipes:
             raise QlightError("PostTrainingQuantization needs a list of at least one recipe")
-        parsed = _expand(
+        parsed, requested = _expand(
             recipes,
             [granularity] if isinstance(granularity, str) else list(granularity),
             [methods] if isinstance(methods, str) else list(methods),
@@ -209,7 +223,7 @@ class PostTrainingQuantization(Callback):
             raise QlightError(f"eval_batches must be at least 1 (or None for all), got {eval_batches}")
         if speed_repeats < 0:
             raise QlightError(f"speed_repeats must be 0 (no measurement) or more, got {speed_repeats}")
-        return parsed
+        return parsed, requested
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -267,7 +281,7 @@ class PostTrainingQuantization(Callback):
             rows = []
             for index, recipe in enumerate(self.recipes, 1):  # a line per recipe: a long sweep shows progress
                 rows.append(self._run_recipe(trainer, pl_module, recipe, inputs))
-                outcome = "failed" if rows[-1].get("error") else f"top-1 {rows[-1]['acc1']:.4f}"
+                outcome = "failed" if rows[-1].get("error") else f"top-1 {100 * rows[-1]['acc1']:.2f}%"
                 rank_zero_info(f"PTQ {index}/{len(self.recipes)} {recipe.name}: {outcome}, {rows[-1]['seconds']:.1f} s")
             self.results = _finish_table(rows)
             table = markdown_table(self.results, COLUMNS)
@@ -292,6 +306,7 @@ class PostTrainingQuantization(Callback):
         start = time.perf_counter()
         row: dict[str, Any] = {
             "recipe": recipe.name,
+            "requested": self.requested[recipe.name],
             "bits": recipe.bits,
             "granularity": recipe.granularity,
             "method": recipe.method,
@@ -326,7 +341,8 @@ class PostTrainingQuantization(Callback):
             row.update(_quantized_counts(model, recipe))
             if not recipe.static and not isinstance(recipe, FloatCast):  # also what the recipe could not group
                 row["kept_float"] = ", ".join(_float_layers(model, inputs.source))
-            if self.speed_repeats:
+            timed = self.speed_recipes is None or {recipe.name, row["requested"]} & self.speed_recipes
+            if self.speed_repeats and timed:
                 row.update(vars(measure_speed(model, example.to(recipe.input_dtype), self.speed_repeats)))
         except QlightError:
             raise
@@ -369,23 +385,27 @@ def _replace_manifest(out: Path, written: set[str]) -> None:
     atomic_write_text(out / MANIFEST, json.dumps(sorted(written), indent=1))
 
 
-def _expand(recipes: Sequence[str], granularities: list[str], methods: list[str]) -> list[Recipe]:
-    """``fp32``, then each recipe in each granularity and method unless its name sets them."""
+def _expand(
+    recipes: Sequence[str], granularities: list[str], methods: list[str]
+) -> tuple[list[Recipe], dict[str, str]]:
+    """``fp32``, then each recipe in each granularity and method unless its name sets them, each with the
+    name it was asked for by (``int3@per_channel`` is the recipe ``int3``)."""
     if not granularities or not methods:
         raise QlightError("granularity and methods need at least one value each")
     for method in methods:
         parse_method(method)
-    parsed = {"fp32": parse_recipe("fp32")}
+    parsed, requested = {"fp32": parse_recipe("fp32")}, {"fp32": "fp32"}
     for name in recipes:
         for granularity in granularities:
             for method in methods:
                 recipe = parse_recipe(name, check_granularity(granularity), method)
                 same_name = parsed.setdefault(recipe.name, recipe)
+                requested.setdefault(recipe.name, name)
                 if not _same_recipe(same_name, recipe):  # rows and files are keyed by the name
                     raise QlightError(
                         f"two different plans would both be named {recipe.name}: give the plan files different names"
                     )
-    return list(parsed.values())
+    return list(parsed.values()), requested
 
 
 def _same_recipe(a: Recipe, b: Recipe) -> bool:

@@ -256,7 +256,9 @@ class QuantizationAwareTraining(QATResults):
             path = self._out(trainer) / "model.pt"
             atomic_write_bytes(path, payload)
             mib = len(payload) / 2**20
-            rank_zero_info(f"QAT {self.recipe.name}: converted test acc1 {row['acc1']:.4f}, {mib:.2f} MiB -> {path}")
+            rank_zero_info(
+                f"QAT {self.recipe.name}: converted test top-1 {100 * row['acc1']:.2f}%, {mib:.2f} MiB -> {path}"
+            )
         log_to_loggers(trainer, {"qat/size_mib": len(payload) / 2**20})
         trainer.strategy.barrier("qlight_qat")
 

@@ -278,7 +278,7 @@ class StaticQuantizationAwareTraining(QATResults):
         if trainer.is_global_zero:
             path = self._out(trainer) / "model.pt2"
             atomic_write_bytes(path, payload)
-            summary = f"converted test acc1 {row['acc1']:.4f}, {len(payload) / 2**20:.2f} MiB -> {path}"
+            summary = f"converted test top-1 {100 * row['acc1']:.2f}%, {len(payload) / 2**20:.2f} MiB -> {path}"
             rank_zero_info(f"Static QAT {self.recipe.name}: {summary}")
         log_to_loggers(trainer, {"qat/size_mib": len(payload) / 2**20})
         trainer.strategy.barrier("qlight_static_qat")
