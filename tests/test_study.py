@@ -161,9 +161,9 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
     assert "[study] baseline: skipped" in second and "[study] ptq: skipped" in second
     assert "[study] qat_int4: done" in second and "[study] qat_w8a8: done" in second
     assert f"[study] qat_mixed@3+{best}: done" in second
-    assert "[study] report: done" in second
-    # After the first QAT stage, the time left: 3 more QAT stages and the precision run.
-    left = r"\[study\] qat_int4: done in \d+s\n\[study\] about \d+\.\d min left: \d+ training epochs in 4 stages at "
+    assert "[study] report: done" in second and "[study] qat_fp32: done" in second
+    # After the first QAT stage, the time left: 3 more QAT stages, the float control and the precision run.
+    left = r"\[study\] qat_int4: done in \d+s\n\[study\] about \d+\.\d min left: \d+ training epochs in 5 stages at "
     assert re.search(left + r"\d+\.\d s/epoch measured so far\n", second), second
 
     root = tmp_path / "study"
@@ -184,6 +184,9 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, capsys):
         assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.01  # a drawn plot, not blank
         assert f"![{png.stem}]({png.name})\n\n*{CAPTIONS[png.stem]}*" in report  # with what to look for
     results = json.loads((root / "results.json").read_text())
+    control = results["float_control"]  # QAT's schedule without fake-quant, and each QAT row against it
+    assert control["epochs"] == 2 and f"reaches {100 * control['test_acc1']:.2f}% top-1, against fp32's" in report
+    assert "| vs fp32 fine-tuned (pt) |" in report
     # RTN and the best method side by side at every bit-width: two curves, and the bits one saves.
     assert set(results["bit_curves"]) == {"per_channel rtn", f"per_channel {best}"}  # mixed rows are not uniform
     assert set(results["plans"]) == {"mixed@3", f"mixed@3+{best}"}

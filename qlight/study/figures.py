@@ -117,6 +117,10 @@ def _plot_qat_epochs(results: dict[str, Any], ax: plt.Axes) -> bool:
             matched = q[f"epochs_to_match_ptq_{kind}"]
             if matched:
                 ax.plot([matched], [q["acc1_per_epoch"][matched - 1]], "*", color=color, markersize=14)
+    if results["float_control"]:
+        ax.axhline(
+            results["float_control"]["test_acc1"], color="black", ls=":", label="fp32 fine-tuned on the same schedule"
+        )
     # The line styles once, not once per series: the PTQ recipes are in the report's QAT table.
     ax.plot([], [], ":", color="grey", label="its PTQ, round to nearest")
     ax.plot([], [], "-.", color="grey", label="its best PTQ method")

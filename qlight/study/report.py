@@ -155,6 +155,7 @@ def _qat_section(results: dict[str, Any]) -> list[str]:
     ]
     if not results["qat"]:
         return [*lines, "(no QAT results)", ""]
+    control = results["float_control"]
     rows = [
         {
             "QAT": q["label"],
@@ -167,10 +168,27 @@ def _qat_section(results: dict[str, Any]) -> list[str]:
             "epochs to match PTQ RTN": _epochs(q["epochs_to_match_ptq_rtn"], q["ptq_rtn"]),
             "epochs to match best PTQ": _epochs(q["epochs_to_match_ptq_best"], q["ptq_best"]),
             "epochs to match fp32": q["epochs_to_match_fp32"] or "not reached",
+            **({"vs fp32 fine-tuned (pt)": _points(q["converted_acc1"], control["test_acc1"])} if control else {}),
         }
         for q in results["qat"].values()
     ]
-    return [*lines, markdown_table(rows, list(rows[0]))]
+    lines.append(markdown_table(rows, list(rows[0])))
+    if control:
+        lines += [
+            f"Control: the float baseline fine-tuned on QAT's schedule ({control['epochs']} epochs at lr "
+            f"{control['lr']}) reaches {_pct(control['test_acc1'])}% top-1, against fp32's "
+            f"{_pct(_fp32(results))}%: QAT above fp32 by up to that much is more training, not quantization.",
+            "",
+        ]
+    return lines
+
+
+def _points(value: float | None, reference: float | None) -> str:
+    return "n/a" if value is None or reference is None else f"{100 * (value - reference):+.2f}"
+
+
+def _fp32(results: dict[str, Any]) -> float | None:
+    return next((r["acc1"] for r in results["ptq"] if r["recipe"] == "fp32" and r.get("acc1") is not None), None)
 
 
 def _acc(ptq: dict[str, Any] | None) -> float | None:

@@ -194,6 +194,7 @@ def collect(root: Path) -> dict[str, Any]:
         "config": _json(root / "study_config.json") or {},
         "errors": _json(root / "errors.json") or {},
         "baseline": _json(root / "baseline" / "baseline.json"),
+        "float_control": _json(root / "qat_fp32" / "summary.json"),
         "ptq": ptq,
         "bit_curve_model": CURVE_MODEL,
         "bit_curves": {label: _bit_curve(points, fp32) for label, points in series.items()} if fp32 else {},

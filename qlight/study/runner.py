@@ -38,6 +38,7 @@ from qlight.quantization import (
     QuantizationAwareTraining,
     StaticQuantizationAwareTraining,
 )
+from qlight.quantization.callbacks.lightning_plumbing import load_checkpoint_weights
 from qlight.quantization.recipes.base import BEST_METHOD, DEFAULT_GRANULARITY, quantizable_modules
 from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.study.figures import FIGURES
@@ -107,6 +108,12 @@ def build_parser(data_class_path: str = DEFAULT_DATA) -> ArgumentParser:
     )
     parser.add_argument("--qat.epochs", type=int, default=20)
     parser.add_argument("--qat.lr", type=float, default=0.001)
+    parser.add_argument(
+        "--qat.float_control",
+        type=bool,
+        default=True,
+        help="also fine-tune the float baseline on QAT's schedule (qat_fp32): how much of QAT's gain is more training",
+    )
     parser.add_argument(
         "--qat.static",
         type=bool,
@@ -236,6 +243,9 @@ class Study:
             fingerprint = {"baseline": baseline, "ptq": ptq, "qat": {**qat, "plan": recipe}}
             run = functools.partial(self.run_qat, recipe)
             stages.append(Stage(f"qat_{recipe}", fingerprint, run, epochs=cfg.qat.epochs))
+        if cfg.qat.float_control:
+            fingerprint = {"baseline": baseline, "qat": {"epochs": cfg.qat.epochs, "lr": cfg.qat.lr}}
+            stages.append(Stage("qat_fp32", fingerprint, self.run_float_control, "summary.json", cfg.qat.epochs))
         if cfg.qat.static:
             fingerprint = {"baseline": baseline, "qat": {**qat, "static": True}}
             stages.append(Stage("qat_w8a8", fingerprint, self.run_qat_w8a8, epochs=cfg.qat.epochs))
@@ -559,6 +569,21 @@ class Study:
         seed_everything(self.config.seed)
         trainer = self._trainer(name, self.config.qat.epochs, [qat, last])
         trainer.fit(self._model(lr=self.config.qat.lr, warmup_epochs=0), self.data, ckpt_path=resume)
+
+    def run_float_control(self) -> None:
+        """The baseline fine-tuned in float on QAT's schedule (epochs, lr, no warm-up): QAT trains the
+        baseline further, so its gain over fp32 is partly this, not quantization."""
+        name = "qat_fp32"
+        last, resume = self._last(name)
+        seed_everything(self.config.seed)
+        trainer = self._trainer(name, self.config.qat.epochs, [last])
+        model = self._model(lr=self.config.qat.lr, warmup_epochs=0)
+        load_checkpoint_weights(model, self.baseline_ckpt, "baseline checkpoint")
+        trainer.fit(model, self.data, ckpt_path=resume)
+        test = trainer.test(model, self.data, verbose=False)[0]
+        summary = {"epochs": trainer.current_epoch, "lr": self.config.qat.lr, "test_acc1": test["test/acc1"]}
+        if trainer.is_global_zero:
+            atomic_write_text(self.dir / name / "summary.json", json.dumps(summary, indent=2))
 
     def run_qat_w8a8(self) -> None:
         """QAT of the int8 graph that PTQ's int8_static calibrates, in float32 (the fused fake-quant's
