@@ -177,9 +177,8 @@ def _percent(ax: plt.Axes) -> None:
 
 
 def _fp32_line(results: dict[str, Any], ax: plt.Axes) -> None:
-    fp32 = next((r["acc1"] for r in results["ptq"] if r["recipe"] == "fp32" and r.get("acc1") is not None), None)
-    if fp32 is not None:
-        ax.axhline(fp32, color="black", ls="--", label="fp32")
+    if results["fp32_acc1"] is not None:
+        ax.axhline(results["fp32_acc1"], color="black", ls="--", label="fp32")
 
 
 PLOTS: dict[str, Callable[[dict[str, Any], plt.Axes], bool]] = {

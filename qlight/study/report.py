@@ -177,7 +177,7 @@ def _qat_section(results: dict[str, Any]) -> list[str]:
         lines += [
             f"Control: the float baseline fine-tuned on QAT's schedule ({control['epochs']} epochs at lr "
             f"{control['lr']}) reaches {_pct(control['test_acc1'])}% top-1, against fp32's "
-            f"{_pct(_fp32(results))}%: QAT above fp32 by up to that much is more training, not quantization.",
+            f"{_pct(results['fp32_acc1'])}%: QAT above fp32 by up to that much is more training, not quantization.",
             "",
         ]
     return lines
@@ -185,10 +185,6 @@ def _qat_section(results: dict[str, Any]) -> list[str]:
 
 def _points(value: float | None, reference: float | None) -> str:
     return "n/a" if value is None or reference is None else f"{100 * (value - reference):+.2f}"
-
-
-def _fp32(results: dict[str, Any]) -> float | None:
-    return next((r["acc1"] for r in results["ptq"] if r["recipe"] == "fp32" and r.get("acc1") is not None), None)
 
 
 def _acc(ptq: dict[str, Any] | None) -> float | None:

@@ -196,6 +196,7 @@ def collect(root: Path) -> dict[str, Any]:
         "baseline": _json(root / "baseline" / "baseline.json"),
         "float_control": _json(root / "qat_fp32" / "summary.json"),
         "ptq": ptq,
+        "fp32_acc1": fp32,
         "bit_curve_model": CURVE_MODEL,
         "bit_curves": {label: _bit_curve(points, fp32) for label, points in series.items()} if fp32 else {},
         "method_savings": method_savings(ptq, fp32) if fp32 else [],
