@@ -150,7 +150,7 @@ def test_ptq_on_real_digits_in_a_foreign_module(tmp_path, digits_checkpoint):
     assert (tmp_path / "ptq" / "results.md").read_text().count("|") > 20
     # Speed is information, not a target: each row names its device and has positive figures.
     for row in rows.values():
-        assert float(row["images_per_s"]) > 0 and float(row["latency_ms"]) > 0, row
+        assert float(row["images_per_s"]) > 0 and float(row["latency_ms"]) > 0 and float(row["spread_pct"]) >= 0, row
         assert row["device"] == f"cpu ({torch.get_num_threads()} threads)"
 
 
@@ -226,7 +226,7 @@ def test_ddp_gives_the_same_table_as_one_process(tmp_path, digits_checkpoint):
         ptq = PostTrainingQuantization(recipes=["fp32", "int4"], output_dir=str(out))
         trainer(tmp_path, [ptq], devices=devices, strategy=strategy).test(DigitsNet(), ckpt_path=str(digits_checkpoint))
         # Times differ between processes (threads, load), and the device column names the threads.
-        timings = {"seconds", "quantize_seconds", "images_per_s", "latency_ms", "device"}
+        timings = {"seconds", "quantize_seconds", "images_per_s", "latency_ms", "spread_pct", "device"}
         rows = _rows(out / "results.csv")
         tables[devices] = {k: {c: v for c, v in r.items() if c not in timings} for k, r in rows.items()}
     assert tables[1] == tables[2]

@@ -86,6 +86,7 @@ def _ptq_section(results: dict[str, Any]) -> list[str]:
                 "size MiB": None if size is None else f"{size:.2f}",
                 "compression": None if ratio is None else f"{ratio:.1f}x",
                 "images/s": None if r.get("images_per_s") is None else f"{r['images_per_s']:,.0f}",
+                "spread %": None if r.get("spread_pct") is None else f"{r['spread_pct']:.0f}",
                 "error": r.get("error"),
             }
         )

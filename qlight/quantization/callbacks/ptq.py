@@ -71,6 +71,7 @@ COLUMNS = [
     "kept_float",
     "images_per_s",
     "latency_ms",
+    "spread_pct",
     "device",
     "quantize_seconds",
     "calibration_batches",

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 class Speed:
     images_per_s: float  # at the batch size measured
     latency_ms: float  # one image
+    spread_pct: float  # range of the timed batch forwards, in % of their median: how far to trust the two above
     device: str
 
 
@@ -23,8 +24,8 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
-def _seconds(model: nn.Module, batch: Tensor, repeats: int, warmup: int, budget_s: float) -> float:
-    """Median seconds per forward after ``warmup`` untimed ones; stops early once ``budget_s`` is spent."""
+def _seconds(model: nn.Module, batch: Tensor, repeats: int, warmup: int, budget_s: float) -> list[float]:
+    """Seconds of each timed forward after ``warmup`` untimed ones; stops early once ``budget_s`` is spent."""
     sync = torch.cuda.synchronize if batch.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         model(batch)
@@ -35,7 +36,7 @@ def _seconds(model: nn.Module, batch: Tensor, repeats: int, warmup: int, budget_
         model(batch)
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 @torch.no_grad()
@@ -45,5 +46,11 @@ def measure_speed(model: nn.Module, batch: Tensor, repeats: int = 5, warmup: int
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     per_batch = _seconds(model, batch, repeats, warmup, budget_s)
-    per_image = _seconds(model, batch[:1], repeats, warmup, budget_s)
-    return Speed(images_per_s=len(batch) / per_batch, latency_ms=1e3 * per_image, device=device_name(batch.device))
+    per_image = statistics.median(_seconds(model, batch[:1], repeats, warmup, budget_s))
+    median = statistics.median(per_batch)
+    return Speed(
+        images_per_s=len(batch) / median,
+        latency_ms=1e3 * per_image,
+        spread_pct=100 * (max(per_batch) - min(per_batch)) / median,
+        device=device_name(batch.device),
+    )

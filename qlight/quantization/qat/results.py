@@ -33,6 +33,7 @@ COLUMNS = [
     "kept_float",
     "images_per_s",
     "latency_ms",
+    "spread_pct",
     "device",
     "seconds",
 ]
