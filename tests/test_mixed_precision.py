@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlight import LayerSensitivity, PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
+from qlight.quantization.callbacks.sensitivity import heatmap
 from qlight.quantization.io.sizes import weight_bytes
 from qlight.quantization.recipes.allocation import allocate_bits
 from qlight.quantization.recipes.plans import realised_plan
@@ -202,3 +203,11 @@ def test_budgets_above_8_bits_and_same_named_plans_are_refused(tmp_path):
     (tmp_path / "b" / "x.json").write_text(json.dumps({"net.0": 3}))  # the same plan: one row
     ptq = PostTrainingQuantization([f"mixed@{tmp_path / 'a' / 'x.json'}", f"mixed@{tmp_path / 'b' / 'x.json'}"])
     assert [r.name for r in ptq.recipes] == ["fp32", "mixed@x.json"]
+
+
+def test_the_heatmap_outlines_the_bits_a_plan_chose():
+    rows = [{"layer": layer, "bits": bits, "kl": 0.1 / bits} for layer in ("a", "b", "c") for bits in (2, 3, 4)]
+    figure = heatmap(rows, chosen={"a": 4, "b": 2, "gone": 3})  # a layer the rows lack is left out
+    (outline,) = figure.axes[0].get_lines()
+    assert list(zip(outline.get_xdata(), outline.get_ydata(), strict=True)) == [(2, 0), (0, 1)]  # (bits, layer)
+    assert not heatmap(rows).axes[0].get_lines()

@@ -134,7 +134,7 @@ def _plot_qat_epochs(results: dict[str, Any], ax: plt.Axes) -> bool:
 
 def _plot_precision_loss(results: dict[str, Any], ax: plt.Axes) -> bool:
     runs = {p: r for p, r in results["precision"].items() if r["losses"]}
-    if not runs:
+    if len(runs) < 2:  # one curve compares nothing (the CPU study trains in fp32 only)
         return False
     for precision, run in runs.items():
         ax.plot(*zip(*run["losses"], strict=True), label=precision)

@@ -368,9 +368,8 @@ class PostTrainingQuantization(Callback):
             inputs.written.update(f"{recipe.name}.sensitivity.{kind}" for kind in ("csv", "png"))
             rows = recipe.sensitivity(inputs.source, inputs.targets, calibration)
             title = f"{recipe.name}: KL divergence from fp32 (log)"
-            write_sensitivity(
-                trainer, rows, inputs.out / f"{recipe.name}.sensitivity", f"ptq/sensitivity/{recipe.name}", title
-            )
+            stem, tag = inputs.out / f"{recipe.name}.sensitivity", f"ptq/sensitivity/{recipe.name}"
+            write_sensitivity(trainer, rows, stem, tag, title, chosen=self.plans[recipe.name])
 
 
 def _replace_manifest(out: Path, written: set[str]) -> None:

@@ -4,7 +4,7 @@ with its table, heatmap and TensorBoard figure."""
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -31,8 +31,13 @@ from qlight.quantization.recipes.weight_only import IntxWeightOnly
 from qlight.tables import write_csv
 
 
-def heatmap(rows: Sequence[dict], title: str = "Layer sensitivity: KL divergence from fp32 (log)"):
-    """A layers x bits figure of the rows' KL divergence (matplotlib ``Figure``)."""
+def heatmap(
+    rows: Sequence[dict],
+    title: str = "Layer sensitivity: KL divergence from fp32 (log)",
+    chosen: Mapping[str, int] | None = None,
+):
+    """A layers x bits figure of the rows' KL divergence (matplotlib ``Figure``), with the bits a plan
+    ``chosen`` gave each layer outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,20 +48,34 @@ def heatmap(rows: Sequence[dict], title: str = "Layer sensitivity: KL divergence
     grid = torch.full((len(layers), len(bits)), float("nan"))
     for r in rows:
         grid[layers.index(r["layer"]), bits.index(r["bits"])] = max(r["kl"], 1e-8)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(bits), 1.0 + 0.35 * len(layers)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.7 * len(bits)), 1.0 + 0.35 * len(layers)))
     image = ax.imshow(grid.log10().numpy(), aspect="auto", cmap="magma_r")
+    chosen = {layer: b for layer, b in (chosen or {}).items() if layer in layers and b in bits}
+    picked = [(bits.index(b), layers.index(layer)) for layer, b in chosen.items()]
+    if picked:
+        ax.plot(*zip(*picked, strict=True), "s", ms=9, mfc="none", mec="deepskyblue", mew=2, label="bits chosen")
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.06), fontsize=7, frameon=False)
     ax.set_xticks(range(len(bits)), [str(b) for b in bits])
     ax.set_yticks(range(len(layers)), layers, fontsize=7)
-    ax.set(xlabel="weight bits", title=title)
+    ax.set_xlabel("weight bits")
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="log10 KL")
     fig.tight_layout()
     return fig
 
 
-def write_sensitivity(trainer: Trainer, rows: Sequence[dict], stem: Path, tag: str, title: str | None = None) -> None:
-    """``<stem>.csv``, the heatmap as ``<stem>.png``, and the same figure to the loggers under ``tag``."""
+def write_sensitivity(
+    trainer: Trainer,
+    rows: Sequence[dict],
+    stem: Path,
+    tag: str,
+    title: str | None = None,
+    chosen: Mapping[str, int] | None = None,
+) -> None:
+    """``<stem>.csv``, the heatmap as ``<stem>.png`` (``chosen``: a plan's bits outlined), and the same
+    figure to the loggers under ``tag``."""
     write_csv(rows, stem.with_name(stem.name + ".csv"), COLUMNS)
-    figure = heatmap(rows, title) if title else heatmap(rows)  # selects the Agg backend first
+    figure = heatmap(rows, title or "Layer sensitivity: KL divergence from fp32 (log)", chosen)  # Agg first
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
