@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from qlight.classifier import ImageClassifier
 from qlight.data.class_path import DEFAULT_DATA, datamodule_class, known_classes
 from qlight.errors import QlightError
+from qlight.models import BACKBONE_FORMS
 
 DESCRIPTION = (
     "Train, test and quantize image classifiers. The whole quantization study: "
@@ -48,7 +49,14 @@ class QlightCLI(LightningCLI):
         self.data_class_path = data_class_path
         super().__init__(*args, **kwargs)
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # LightningCLI's, but for the backbone: a config can name one, not hold a ready nn.Module, and
+        # with nn.Module in its type jsonargparse lists every Module subclass (800 lines of --help).
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_class_arguments(ImageClassifier, "model", fail_untyped=False, sub_configs=True, skip={"backbone"})
+        parser.add_argument("--model.backbone", type=str | dict[str, Any], default="vgg11_bn", help=BACKBONE_FORMS)
+        parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True)
         parser.set_defaults({"data": {"class_path": self.data_class_path}})
 
     def before_instantiate_classes(self) -> None:

@@ -2,6 +2,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -52,6 +53,13 @@ def test_help_lists_subcommands(tmp_path):
     assert out.returncode == 0
     for sub in ("fit", "validate", "test", "predict"):
         assert sub in out.stdout
+
+
+@pytest.mark.parametrize("command", ["fit", "study"])
+def test_help_names_the_backbone_forms_without_every_module_subclass(tmp_path, command):
+    out = _run(command, "--help", cwd=tmp_path)
+    assert out.returncode == 0 and "torchvision:<name>" in out.stdout
+    assert "torch.nn.Identity" not in out.stdout  # jsonargparse lists every nn.Module subclass for a Module type
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path):

@@ -25,7 +25,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "vgg16_bn": vgg16_bn,
 }
 TORCHVISION = "torchvision:"
-FORMS = (
+BACKBONE_FORMS = (
     f"a registered name ({', '.join(BACKBONES)}), {TORCHVISION}<name> (torchvision.models.list_models()), "
     "a class path package.module.Class (or a function that builds one), or {class_path: ..., init_args: {...}}"
 )
@@ -49,7 +49,7 @@ def build_backbone(spec: str | Mapping[str, Any], num_classes: int) -> nn.Module
             raise QlightError(f"backbone {dict(spec)} needs the keys class_path and (optionally) init_args")
         return _from_class_path(spec["class_path"], dict(spec.get("init_args") or {}), num_classes)
     if not isinstance(spec, str):
-        raise QlightError(f"backbone {spec!r} is not a name or class path: give {FORMS}")
+        raise QlightError(f"backbone {spec!r} is not a name or class path: give {BACKBONE_FORMS}")
     if spec in BACKBONES:
         return BACKBONES[spec](num_classes=num_classes)
     if spec.startswith(TORCHVISION):
@@ -59,7 +59,7 @@ def build_backbone(spec: str | Mapping[str, Any], num_classes: int) -> nn.Module
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if "." in spec:
         return _from_class_path(spec, {}, num_classes)
-    raise QlightError(f"unknown backbone {spec!r}: give {FORMS}")
+    raise QlightError(f"unknown backbone {spec!r}: give {BACKBONE_FORMS}")
 
 
 def _from_class_path(class_path: str, init_args: dict[str, Any], num_classes: int) -> nn.Module:
@@ -83,6 +83,7 @@ def _from_class_path(class_path: str, init_args: dict[str, Any], num_classes: in
 
 __all__ = [
     "BACKBONES",
+    "BACKBONE_FORMS",
     "VGG",
     "ResNet",
     "build_backbone",

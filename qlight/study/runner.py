@@ -33,6 +33,7 @@ from qlight.classifier import ImageClassifier
 from qlight.data.class_path import DEFAULT_DATA, datamodule_class, known_classes
 from qlight.errors import QlightError
 from qlight.files import atomic_write_text
+from qlight.models import BACKBONE_FORMS
 from qlight.quantization import (
     PostTrainingQuantization,
     QuantizationAwareTraining,
@@ -73,7 +74,14 @@ def build_parser(data_class_path: str = DEFAULT_DATA) -> ArgumentParser:
     parser.add_argument("--stages", type=list[Literal[STAGES]], default=list(STAGES), help="stages to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trainer", type=dict, default={}, help="Trainer arguments shared by every run")
-    parser.add_class_arguments(ImageClassifier, "model")
+    # A ready nn.Module cannot come from a config; without it jsonargparse lists every Module subclass.
+    parser.add_class_arguments(ImageClassifier, "model", skip={"backbone"})
+    parser.add_argument(
+        "--model.backbone",
+        type=str | dict[str, Any],
+        default="vgg11_bn",
+        help=BACKBONE_FORMS,
+    )
     parser.add_subclass_arguments(LightningDataModule, "data", help="any LightningDataModule (default CIFAR-100)")
     parser.set_defaults({"data": {"class_path": data_class_path}})
     parser.add_argument(
