@@ -25,13 +25,15 @@ def test_onnx_runtime_and_inductor_rows_agree_with_the_pytorch_int8_graph(tmp_pa
     reference = load_quantized(tmp_path / "ptq" / "int8_static.pt2")
     onnx = load_quantized(tmp_path / "ptq" / "int8_static_onnx.onnx")
     x, y = model.test_data.tensors
+    # The runtimes pick their own int8 kernels (per CPU: VNNI, AMX): rounding may flip an image or two.
+    tolerance = 2 / len(y)
     with torch.no_grad():
         top1 = {name: (m(x).argmax(1) == y).float().mean().item() for name, m in (("pt", reference), ("ort", onnx))}
-    assert abs(top1["ort"] - top1["pt"]) <= 0.002, top1
+    assert abs(top1["ort"] - top1["pt"]) <= tolerance, top1
     for name in ("int8_static_onnx", "int8_static_inductor"):
         row = rows[name]
         assert not row["error"], row
-        assert abs(float(row["acc1"]) - float(rows["int8_static"]["acc1"])) <= 0.002, row
+        assert abs(float(row["acc1"]) - float(rows["int8_static"]["acc1"])) <= tolerance, row
         assert row["quantized_modules"] == rows["int8_static"]["quantized_modules"] == "4"
         assert float(row["images_per_s"]) > 0 and float(row["quantize_seconds"]) > 0
     assert (

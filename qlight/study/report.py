@@ -176,7 +176,8 @@ def _qat_section(results: dict[str, Any]) -> list[str]:
     lines.append(markdown_table(rows, list(rows[0])))
     if control:
         lines += [
-            f"Control: the float baseline fine-tuned on QAT's schedule ({control['epochs']} epochs at lr "
+            f"Control: the float baseline fine-tuned on QAT's schedule ({control['epochs']} "
+            f"epoch{'s' * (control['epochs'] != 1)} at lr "
             f"{control['lr']}) reaches {_pct(control['test_acc1'])}% top-1, against fp32's "
             f"{_pct(results['fp32_acc1'])}%: QAT above fp32 by up to that much is more training, not quantization.",
             "",

@@ -647,7 +647,8 @@ def _time_left(stages: list[Stage], seconds_per_epoch: float) -> str:
     if not epochs:
         return f"left: {', '.join(untimed)} (no estimate)"
     return (
-        f"about {epochs * seconds_per_epoch / 60:.1f} min left: {epochs} training epochs in {timed} stages at "
+        f"about {epochs * seconds_per_epoch / 60:.1f} min left: {epochs} training epoch{'s' * (epochs != 1)} in "
+        f"{timed} stage{'s' * (timed != 1)} at "
         f"{seconds_per_epoch:.1f} s/epoch measured so far{extra}"
     )
 
