@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlight import load_quantized
@@ -105,3 +106,13 @@ def test_qat_int4_smoke_through_the_cli_writes_a_loadable_int4_model(tmp_path):
     weight = model.model.features[4].weight  # the second conv
     groups = weight.qdata.permute(0, 2, 3, 1).reshape(-1, weight.qdata.shape[1])
     assert max(len(torch.unique(g)) for g in groups) <= 16
+
+
+def test_ptq_smoke_composes_into_one_short_ptq_callback(capsys):
+    configs = ["configs/ptq.yaml", "configs/smoke.yaml", "configs/ptq_smoke.yaml"]
+    with pytest.raises(SystemExit):
+        main(["fit", *(f"--config={ROOT / config}" for config in configs), "--print_config"])
+    (callback,) = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    args = callback["init_args"]
+    assert callback["class_path"] == "qlight.PostTrainingQuantization" and len(args["recipes"]) == 8
+    assert (args["granularity"], args["methods"], args["calibration_batches"]) == ("per_channel", ["rtn"], 2)
