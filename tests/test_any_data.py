@@ -67,6 +67,9 @@ def test_the_study_runs_on_a_user_model_and_datamodule_given_by_class_path(user_
     assert f"Model: digits.DigitsCNN ({parameters:,} parameters, 10 classes); data: DigitsData" in report
     assert "layers kept in float: last" in report
     assert "on 397 test images: one image is 0.25 points." in report  # what a difference of one image weighs
+    assert "≈: within one test image of fp32 (0.25 points)" in report and "| +0.00 | " in report  # fp32's own row
+    marked = [line for line in report.splitlines() if " ≈ |" in line]
+    assert marked and all(abs(float(line.split(" ≈ |")[0].rsplit("| ", 1)[1])) <= 0.26 for line in marked)
     assert "Every Conv2d and Linear but the last (kept in float); sizes" in report  # PTQ
     assert "fake-quant on every Conv2d and Linear but the last (kept in float)" in report  # QAT
     rows = {r["recipe"]: r for r in read_csv(study / "ptq" / "results.csv")}

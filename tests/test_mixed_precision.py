@@ -81,6 +81,10 @@ def test_mixed_beats_uniform_int3_within_its_bytes_and_the_plan_reloads(tmp_path
     events = EventAccumulator(str(next((out.parent / "tb").rglob("events.*")))).Reload()
     assert "ptq/plan/mixed@3/text_summary" in events.Tags()["tensors"]
     assert "ptq/sensitivity/mixed@3" in events.Tags()["images"]
+    # Uniform recipes are one chart with the bits as its step; no one-point chart per uniform recipe.
+    assert [event.step for event in events.Scalars("ptq/acc1_vs_bits/per_channel_rtn")] == [3]
+    assert {"ptq/fp32/acc1", "ptq/mixed@3/acc1"} <= set(events.Tags()["scalars"])
+    assert "ptq/int3/acc1" not in events.Tags()["scalars"]
     sensitivity = read_csv(out / "mixed@3.sensitivity.csv")  # what the plan was allocated from
     assert len(sensitivity) == 5 * 7 and (out / "mixed@3.sensitivity.png").stat().st_size > 1000
     kl = {(r["layer"], int(r["bits"])): float(r["kl"]) for r in sensitivity}

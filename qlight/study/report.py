@@ -72,9 +72,17 @@ def _ptq_section(results: dict[str, Any]) -> list[str]:
     ]
     if not results["ptq"]:
         return [*lines, "(no PTQ results)", ""]
+    images = (results["baseline"] or {}).get("test_images")
+    if images:
+        lines[-1:] = [
+            f"≈: within one test image of fp32 ({100 / images:.2f} points), below what the test set resolves.",
+            "",
+        ]
     rows = []
     for r in results["ptq"]:
         delta, size, ratio = r.get("delta_acc1"), r.get("size_mib"), r.get("compression")
+        close = images and delta is not None and r["recipe"] != "fp32" and abs(delta) * images <= 1 + 1e-6
+        noise = " ≈" if close else ""
         rows.append(
             {
                 "recipe": r["recipe"],
@@ -82,7 +90,7 @@ def _ptq_section(results: dict[str, Any]) -> list[str]:
                 "granularity": r.get("granularity"),
                 "method": r.get("method"),
                 "top-1 %": _pct(r.get("acc1")),
-                "Δ vs fp32 (pt)": None if delta is None else f"{100 * delta:+.2f}",
+                "Δ vs fp32 (pt)": None if delta is None else f"{100 * delta:+.2f}{noise}",
                 "size MiB": None if size is None else f"{size:.2f}",
                 "compression": None if ratio is None else f"{ratio:.1f}x",
                 "images/s": None if r.get("images_per_s") is None else f"{r['images_per_s']:,.0f}",
@@ -262,7 +270,11 @@ def _tensorboard(root: Path, results: dict[str, Any], drawn: dict[str, plt.Figur
     for label, points in weight_only_series(results["ptq"]).items():  # one chart per series, step = bits
         for bits, acc1 in points:
             writer.add_scalar(f"study/acc1_vs_bits/{label.replace(' ', '_')}", acc1, global_step=bits)
-    metrics = {f"ptq/{r['recipe']}/acc1": r["acc1"] for r in results["ptq"] if r.get("acc1") is not None}
+    # For comparing studies side by side: fp32 and the best PTQ row at each bit-width, not every recipe.
+    metrics = {"ptq/fp32/acc1": results["fp32_acc1"]} if results["fp32_acc1"] is not None else {}
+    for points in weight_only_series(results["ptq"]).values():
+        for bits, acc1 in points:
+            metrics[f"ptq/best_int{bits}/acc1"] = max(acc1, metrics.get(f"ptq/best_int{bits}/acc1", 0.0))
     for q in results["qat"].values():
         if q["converted_acc1"] is not None:
             metrics[f"qat/{q['label'].lower()}/converted_acc1"] = q["converted_acc1"]

@@ -50,6 +50,7 @@ from qlight.quantization.recipes.float_cast import FloatCast
 from qlight.quantization.recipes.intx import Granularity
 from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.quantization.recipes.plans import average_bits, realised_plan
+from qlight.quantization.recipes.weight_only import IntxWeightOnly
 from qlight.tables import markdown_table, write_results
 
 MANIFEST = "ptq_files.json"  # the files the last run wrote into the output folder
@@ -87,8 +88,10 @@ class PostTrainingQuantization(Callback):
     Works with any LightningModule whose ``forward(x)`` returns class logits and whose test batches
     are ``(inputs, targets)``. For every recipe it writes ``<output_dir>/<recipe>.pt`` (``.pt2`` for
     static recipes, ``.onnx`` for those run by ONNX Runtime; load any with
-    :func:`qlight.load_quantized`), logs ``ptq/<recipe>/acc1``,
-    ``acc5`` and ``size_mib``, and writes ``results.csv`` and ``results.md``. ``fp32`` (the
+    :func:`qlight.load_quantized`), writes ``results.csv`` and ``results.md``, and logs the table as
+    text (``ptq/results``) and top-1 as scalars: uniform weight-only recipes as one chart per
+    granularity and method with the bits as its step (``ptq/acc1_vs_bits/per_channel_rtn``), the
+    others as ``ptq/<recipe>/acc1``. ``fp32`` (the
     unquantized copy) is always evaluated first as the reference for ``delta_acc1``. A recipe that
     fails (or gives NaN/Inf logits) records its error in its row and the others go on.
 
@@ -290,16 +293,25 @@ class PostTrainingQuantization(Callback):
                 write_results(out, "Post-training quantization", self.results, COLUMNS)
                 _replace_manifest(out, inputs.written | {"results.csv", "results.md", MANIFEST})
                 rank_zero_info(f"PTQ results ({out / 'results.csv'}):\n{table}")
-        metrics = {
-            f"ptq/{row['recipe']}/{key}": float(row[key])
-            for row in self.results
-            for key in ("acc1", "acc5", "size_mib")
-            if row.get(key) is not None
-        }
-        plans = {f"ptq/plan/{name}": f"```\n{json.dumps(plan, indent=1)}\n```" for name, plan in self.plans.items()}
-        log_to_loggers(trainer, metrics, {"ptq/results": table, **plans})
+        self._log(trainer, table)
         trainer.strategy.barrier("qlight_ptq")
         return self.results
+
+    def _log(self, trainer: Trainer, table: str) -> None:
+        """Top-1 as scalars, uniform weight-only recipes as one chart per granularity and method with
+        the bits as its step (not a one-point chart per recipe); the table and plans as text."""
+        uniform = {recipe.name for recipe in self.recipes if isinstance(recipe, IntxWeightOnly)}
+        others = {}
+        for row in self.results:
+            if row.get("acc1") is None:
+                continue
+            if row["recipe"] in uniform:
+                series = f"ptq/acc1_vs_bits/{row['granularity']}_{row['method']}"
+                log_to_loggers(trainer, {series: float(row["acc1"])}, step=row["bits"])
+            else:
+                others[f"ptq/{row['recipe']}/acc1"] = float(row["acc1"])
+        plans = {f"ptq/plan/{name}": f"```\n{json.dumps(plan, indent=1)}\n```" for name, plan in self.plans.items()}
+        log_to_loggers(trainer, others, {"ptq/results": table, **plans})
 
     def _run_recipe(
         self, trainer: Trainer, pl_module: LightningModule, recipe: Recipe, inputs: _RunInputs
