@@ -15,22 +15,25 @@ def digits_tensors():
     return x[order], y[order]
 
 
+def conv_stack(width: int) -> list[nn.Module]:
+    """Two 3x3 convs with BatchNorm and ReLU, then a 2x2 max-pool: 1x8x8 digits to 2*width x 4 x 4."""
+    return [
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    ]
+
+
 class DigitsNet(pl.LightningModule):
     def __init__(self, width: int = 8, lr: float = 0.05) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(2 * width * 16, 64),
-            nn.ReLU(),
-            nn.Linear(64, 10),
+            *conv_stack(width), nn.Flatten(), nn.Linear(2 * width * 16, 64), nn.ReLU(), nn.Linear(64, 10)
         )
         x, y = digits_tensors()
         self.train_data = TensorDataset(x[:1400], y[:1400])
@@ -122,13 +125,7 @@ class PooledDigitsNet(DigitsNet):
         super().__init__(width, lr)
         w = width
         self.net = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1),
-            nn.BatchNorm2d(w),
-            nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1),
-            nn.BatchNorm2d(2 * w),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            *conv_stack(w),
             nn.Conv2d(2 * w, 4 * w, 3, padding=1),
             nn.BatchNorm2d(4 * w),
             nn.ReLU(),
@@ -146,15 +143,7 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, width: int = 8) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
+        self.features = nn.Sequential(*conv_stack(width))
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, 32), nn.ReLU(), nn.Linear(32, num_classes))
 
     def forward(self, x):
