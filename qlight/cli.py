@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qlight.classifier import ImageClassifier
-from qlight.data.class_path import DEFAULT_DATA, datamodule_class, known_classes
+from qlight.data.class_path import DEFAULT_DATA, datamodule_class, model_classes_from_data
 from qlight.errors import QlightError
 from qlight.models import BACKBONE_FORMS
 
@@ -60,11 +60,7 @@ class QlightCLI(LightningCLI):
         parser.set_defaults({"data": {"class_path": self.data_class_path}})
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        init_args = config.data.get("init_args")
-        classes = known_classes(datamodule_class(config.data.class_path), init_args and init_args.as_dict())
-        if classes is not None:
-            config.model.num_classes = classes
+        model_classes_from_data(self.config[self.subcommand] if self.subcommand else self.config)
 
 
 def _qlight_error(err: BaseException) -> QlightError | None:
@@ -87,7 +83,7 @@ def _yaml_without_aliases(stream: str) -> Any:
 
 def _data_class_paths(argv: list[str]) -> list[Any]:
     """What each ``--config`` file and ``--data``/``--data.class_path`` flag names as the data class, in the
-    order jsonargparse applies them (the last wins)."""
+    order jsonargparse applies them (the last wins); an empty config file is refused where it is read."""
     named: list[Any] = []
     for flag, value in zip(argv, [*argv[1:], None], strict=True):
         key, _, inline = flag.partition("=")

@@ -22,15 +22,18 @@ from qlight.errors import QlightError
 
 MAX_SYNTHETIC = 1_000_000  # 3 GB of images: beyond that a typo, not a test
 OFFLINE_HINT = "to run without the dataset use --config configs/smoke.yaml (synthetic data)"
-# torchvision's readers name the files, checksums and URLs; the label key and class count are the format's.
-READERS: dict[str, type[CIFAR10]] = {"cifar10": CIFAR10, "cifar100": CIFAR100}
-LABELS = {"cifar10": ("labels", 10), "cifar100": ("fine_labels", 100)}
+# Per dataset: torchvision's reader (it names the files, checksums and URL), the key of the labels in
+# its pickles, and the number of classes.
+FORMATS: dict[str, tuple[type[CIFAR10], str, int]] = {
+    "cifar10": (CIFAR10, "labels", 10),
+    "cifar100": (CIFAR100, "fine_labels", 100),
+}
 
 
-def _reader(dataset: str) -> type[CIFAR10]:
-    if dataset not in READERS:
-        raise ValueError(f"dataset is one of {', '.join(READERS)}, not {dataset!r}")
-    return READERS[dataset]
+def _format(dataset: str) -> tuple[type[CIFAR10], str, int]:
+    if dataset not in FORMATS:
+        raise ValueError(f"dataset is one of {', '.join(FORMATS)}, not {dataset!r}")
+    return FORMATS[dataset]
 
 
 def ensure_cifar(
@@ -42,7 +45,7 @@ def ensure_cifar(
     Raises :class:`QlightError` with the fix when the data is missing, corrupt or cannot be fetched.
     A corrupt archive is reported and left where it is.
     """
-    reader = _reader(dataset)
+    reader = _format(dataset)[0]
     title = dataset.upper().replace("CIFAR", "CIFAR-")
     root = Path(data_dir)
     folder = root / reader.base_folder
@@ -122,8 +125,7 @@ class _PlainUnpickler(pickle.Unpickler):
 def load_cifar(data_dir: str | Path, train: bool, dataset: str = "cifar100") -> Split:
     """One split as ``(uint8 (N, 3, 32, 32), int64 (N,))``, read with an unpickler that builds plain
     data only (whether or not the checksums were verified) and checked for the format's shapes and labels."""
-    reader = _reader(dataset)
-    key, classes = LABELS[dataset]
+    reader, key, classes = _format(dataset)
     folder = Path(data_dir) / reader.base_folder
     parts = []
     for name, _ in reader.train_list if train else reader.test_list:
@@ -176,7 +178,7 @@ class CIFAR100DataModule(InMemoryImageDataModule):
     """
 
     dataset = "cifar100"
-    num_classes = 100
+    num_classes = FORMATS[dataset][2]
     mean, std = CIFAR100_MEAN, CIFAR100_STD
 
     def __init__(
@@ -217,5 +219,5 @@ class CIFAR10DataModule(CIFAR100DataModule):
     :class:`CIFAR100DataModule`."""
 
     dataset = "cifar10"
-    num_classes = 10
+    num_classes = FORMATS[dataset][2]
     mean, std = CIFAR10_MEAN, CIFAR10_STD

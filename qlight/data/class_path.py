@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -30,10 +29,19 @@ def datamodule_class(class_path: str) -> type[LightningDataModule]:
     return cls
 
 
-def known_classes(cls: type[LightningDataModule], init_args: Mapping[str, Any] | None) -> int | None:
-    """The ``num_classes`` the data knows, on its class or on an instance built from ``init_args`` (a
-    DataModule's ``__init__`` is cheap by Lightning's convention: data is read in ``setup``)."""
+def init_args(data: Any) -> dict[str, Any]:
+    """The ``init_args`` of a parsed ``data`` config (``class_path`` + ``init_args``), as a dict."""
+    args = data.get("init_args")
+    return args.as_dict() if args else {}
+
+
+def model_classes_from_data(config: Any) -> None:
+    """Set a parsed config's ``model.num_classes`` to what its ``data`` knows, on the DataModule class or
+    on an instance built from its ``init_args`` (a DataModule's ``__init__`` is cheap by Lightning's
+    convention: data is read in ``setup``); leave it when the data does not say."""
+    cls = datamodule_class(config.data.class_path)
     classes = getattr(cls, "num_classes", None)
     if not isinstance(classes, int):
-        classes = getattr(cls(**dict(init_args or {})), "num_classes", None)
-    return classes if isinstance(classes, int) else None
+        classes = getattr(cls(**init_args(config.data)), "num_classes", None)
+    if isinstance(classes, int):
+        config.model.num_classes = classes

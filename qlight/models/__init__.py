@@ -62,6 +62,11 @@ def build_backbone(spec: str | Mapping[str, Any], num_classes: int) -> nn.Module
     raise QlightError(f"unknown backbone {spec!r}: give {BACKBONE_FORMS}")
 
 
+def backbone_name(spec: str | Mapping[str, Any]) -> str:
+    """``resnet20``, ``torchvision:resnet18`` or a class path: the backbone as a spec names it."""
+    return spec if isinstance(spec, str) else str(spec.get("class_path"))
+
+
 def _from_class_path(class_path: str, init_args: dict[str, Any], num_classes: int) -> nn.Module:
     builder = import_object(class_path, "backbone")
     is_module_class = isinstance(builder, type) and issubclass(builder, nn.Module)
@@ -86,6 +91,7 @@ __all__ = [
     "BACKBONE_FORMS",
     "VGG",
     "ResNet",
+    "backbone_name",
     "build_backbone",
     "mobilenet_v2",
     "resnet18",

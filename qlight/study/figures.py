@@ -78,7 +78,7 @@ def _plot_accuracy_vs_size(results: dict[str, Any], ax: plt.Axes) -> bool:
 
 def _runtime_kind(row: dict[str, Any]) -> str:
     if row["method"] in WHOLE_MODEL:
-        return f"{row['recipe']}" if row["method"] == "cast" else f"{row['runtime']} int8 graph"
+        return row["recipe"] if row["method"] == "cast" else f"{row['runtime']} int8 graph"
     return "weight-only (float kernels)"
 
 

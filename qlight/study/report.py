@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 from torch.utils.tensorboard import SummaryWriter
 
 from qlight.files import atomic_write_bytes, atomic_write_text
+from qlight.models import backbone_name
 from qlight.study.figures import CAPTIONS, figures
 from qlight.study.results import collect, weight_only_series
 from qlight.tables import markdown_table
@@ -38,8 +39,7 @@ def _header(results: dict[str, Any]) -> list[str]:
     baseline, b = cfg.get("baseline", {}), results["baseline"]
     trained = baseline.get("ckpt") or f"{baseline.get('epochs')} epochs"
     model = cfg.get("model", {})
-    backbone = model.get("backbone", "vgg11_bn")
-    name = backbone if isinstance(backbone, str) else backbone.get("class_path")
+    name = backbone_name(model.get("backbone", "vgg11_bn"))
     size = f"{b['parameters']:,} parameters, " if b and b.get("parameters") else ""
     kept = cfg.get("keep_float") or []
     lines = [

@@ -30,10 +30,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from qlight.classifier import ImageClassifier
-from qlight.data.class_path import DEFAULT_DATA, datamodule_class, known_classes
+from qlight.data.class_path import DEFAULT_DATA, datamodule_class, init_args, model_classes_from_data
 from qlight.errors import QlightError
 from qlight.files import atomic_write_text
-from qlight.models import BACKBONE_FORMS
+from qlight.models import BACKBONE_FORMS, backbone_name
 from qlight.quantization import (
     PostTrainingQuantization,
     QuantizationAwareTraining,
@@ -150,11 +150,6 @@ class Stage:
         return self.name.split("_")[0]
 
 
-def _backbone_name(backbone: Any) -> str:
-    """``resnet20``, ``torchvision:resnet18`` or a class path, as the config names the backbone."""
-    return backbone if isinstance(backbone, str) else str(_plain(backbone).get("class_path"))
-
-
 def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -219,11 +214,7 @@ class Study:
         self.config = config
         self.dir = Path(config.study_dir)
         self.errors: dict[str, str] = {}
-        init_args = config.data.get("init_args")
-        self._data_class = datamodule_class(config.data.class_path)
-        classes = known_classes(self._data_class, init_args and init_args.as_dict())
-        if classes is not None:  # the data knows its classes: the model follows
-            config.model.num_classes = classes
+        model_classes_from_data(config)
 
     # --- settings ----------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
@@ -487,9 +478,8 @@ class Study:
     @functools.cached_property
     def data(self) -> LightningDataModule:
         """One DataModule for every stage: the dataset is read (or generated) once per study."""
-        init_args = self.config.data.get("init_args")
         try:
-            return self._data_class(**(init_args.as_dict() if init_args else {}))
+            return datamodule_class(self.config.data.class_path)(**init_args(self.config.data))
         except TypeError as err:  # the arguments do not fit its __init__
             raise QlightError(f"{self.config.data.class_path}: {err}: fix the data's init_args") from None
 
@@ -533,7 +523,7 @@ class Study:
         test = trainer.test(model, data, ckpt_path=str(self.baseline_ckpt), verbose=False)[0]
         summary = {
             "checkpoint": str(self.baseline_ckpt),
-            "model": _backbone_name(self.config.model.backbone),
+            "model": backbone_name(self.config.model.backbone),
             "parameters": sum(p.numel() for p in model.parameters()),
             "num_classes": model.hparams.num_classes,
             "data": type(data).__name__,

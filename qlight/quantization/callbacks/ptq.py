@@ -41,6 +41,7 @@ from qlight.quantization.recipes.base import (
     DEFAULT_GRANULARITY,
     Recipe,
     check_granularity,
+    float_modules,
     parse_method,
     parse_recipe,
     quantizable_modules,
@@ -174,7 +175,7 @@ class PostTrainingQuantization(Callback):
         self.recipes: list[Recipe]
         self.requested: dict[str, str]  # each recipe's name -> the name it was asked for by
         self.recipes, self.requested = self._validate(
-            recipes, granularity, methods, run_on, calibration_batches, eval_batches, speed_repeats
+            recipes, granularity, methods, run_on, calibration_batches, eval_batches, speed_repeats, speed_recipes
         )
         self.run_on = set(run_on)
         self.keep_first = keep_first
@@ -185,9 +186,6 @@ class PostTrainingQuantization(Callback):
         self.save_models = save_models
         self.speed_repeats = speed_repeats
         self.speed_recipes = None if speed_recipes is None else set(speed_recipes)
-        unknown = sorted((self.speed_recipes or set()) - set(self.requested) - set(self.requested.values()))
-        if unknown:
-            raise QlightError(f"speed_recipes names {', '.join(unknown)}, which recipes does not: time one of them")
         self.results: list[dict[str, Any]] = []  # rows of the last run, as written to results.csv
         self.plans: dict[str, dict[str, int]] = {}  # bits per layer of the last run's mixed recipes
 
@@ -200,6 +198,7 @@ class PostTrainingQuantization(Callback):
         calibration_batches: int,
         eval_batches: int | None,
         speed_repeats: int,
+        speed_recipes: Sequence[str] | None,
     ) -> tuple[list[Recipe], dict[str, str]]:
         """Check every argument; returns the recipes to run, ``fp32`` first, and the name each was asked for
         by."""
@@ -227,6 +226,9 @@ class PostTrainingQuantization(Callback):
             raise QlightError(f"eval_batches must be at least 1 (or None for all), got {eval_batches}")
         if speed_repeats < 0:
             raise QlightError(f"speed_repeats must be 0 (no measurement) or more, got {speed_repeats}")
+        unknown = sorted(set(speed_recipes or ()) - set(requested) - set(requested.values()))
+        if unknown:
+            raise QlightError(f"speed_recipes names {', '.join(unknown)}, which recipes does not: time one of them")
         return parsed, requested
 
     @override
@@ -278,7 +280,7 @@ class PostTrainingQuantization(Callback):
             # Each rank drew its own (shuffled) batches: all must quantize the same model.
             calibration = trainer.strategy.broadcast(calibration)
         out = output_dir(trainer, self.output_dir, "ptq")
-        kept = [name for name in quantizable_modules(source) if name not in targets]
+        kept = float_modules(source, targets)
         inputs = _RunInputs(source, targets, kept, calibration, example_input(trainer, pl_module), out)
         with exclusive_dir(out, "PostTrainingQuantization") if trainer.is_global_zero else contextlib.nullcontext():
             self.plans = {}

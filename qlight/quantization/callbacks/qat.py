@@ -34,7 +34,7 @@ from qlight.quantization.qat.fake_quant import (
     weight_qparams,
 )
 from qlight.quantization.qat.results import QATResults, check_eval_split
-from qlight.quantization.recipes.base import Recipe, check_granularity, quantizable_modules
+from qlight.quantization.recipes.base import Recipe, check_granularity, float_modules, quantizable_modules
 from qlight.quantization.recipes.intx import MAX_BITS, MIN_BITS, Granularity, groupable, intx_from_codes, set_weight
 from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.quantization.recipes.plans import check_bits, check_plan, read_plan
@@ -248,7 +248,7 @@ class QuantizationAwareTraining(QATResults):
         converted = self.convert(pl_module)
         example = example_input(trainer, pl_module)
         targets = self._targets(pl_module)
-        kept = [name for name in quantizable_modules(pl_module) if name not in targets]
+        kept = float_modules(pl_module, targets)
         extra = {"kept_float": ", ".join(kept), **vars(measure_speed(converted, example))}
         row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, "converted", extra)
         payload = quantized_bytes(converted, self.recipe, targets, pl_module, example)

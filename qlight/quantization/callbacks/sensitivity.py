@@ -30,10 +30,12 @@ from qlight.quantization.recipes.sensitivity import COLUMNS, layer_sensitivity
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
 from qlight.tables import write_csv
 
+HEATMAP_TITLE = "Layer sensitivity: KL divergence from fp32 (log)"
+
 
 def heatmap(
     rows: Sequence[dict],
-    title: str = "Layer sensitivity: KL divergence from fp32 (log)",
+    title: str = HEATMAP_TITLE,
     chosen: Mapping[str, int] | None = None,
 ):
     """A layers x bits figure of the rows' KL divergence (matplotlib ``Figure``), with the bits a plan
@@ -69,13 +71,13 @@ def write_sensitivity(
     rows: Sequence[dict],
     stem: Path,
     tag: str,
-    title: str | None = None,
+    title: str = HEATMAP_TITLE,
     chosen: Mapping[str, int] | None = None,
 ) -> None:
     """``<stem>.csv``, the heatmap as ``<stem>.png`` (``chosen``: a plan's bits outlined), and the same
     figure to the loggers under ``tag``."""
     write_csv(rows, stem.with_name(stem.name + ".csv"), COLUMNS)
-    figure = heatmap(rows, title or "Layer sensitivity: KL divergence from fp32 (log)", chosen)  # Agg first
+    figure = heatmap(rows, title, chosen)  # selects the Agg backend first
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()

@@ -30,7 +30,7 @@ from qlight.quantization.io.serialization import quantized_bytes
 from qlight.quantization.io.speed import measure_speed
 from qlight.quantization.qat import pt2e
 from qlight.quantization.qat.results import QATResults, check_eval_split
-from qlight.quantization.recipes.base import quantizable_modules
+from qlight.quantization.recipes.base import float_modules, quantizable_modules
 from qlight.quantization.recipes.static import StaticPT2E, x86_quantizer
 
 WEIGHT_BITS = (8, 4)  # what X86InductorQuantizer's per-channel weight spec expresses through qlight
@@ -216,7 +216,7 @@ class StaticQuantizationAwareTraining(QATResults):
 
     def _prepare(self, network: nn.Module, example: torch.Tensor) -> nn.Module:
         quantized = quantizable_modules(network, self.keep_first, self.keep_last)
-        kept = [name for name in quantizable_modules(network) if name not in quantized]
+        kept = float_modules(network, quantized)
         self._kept = [f"{self.network}.{name}" for name in kept]  # named in the LightningModule, as PTQ does
         quantizer = x86_quantizer(self.weight_bits, is_qat=True, float_modules=kept)
         try:

@@ -180,6 +180,11 @@ def quantizable_modules(
     return names
 
 
+def float_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The quantizable modules of ``model`` that are not among ``targets``: those left in float."""
+    return [name for name in quantizable_modules(model) if name not in targets]
+
+
 def quantized_weight_sizes(model: nn.Module) -> list[int]:
     """Element counts of the weights that ``model`` really holds quantized: torchao's
     ``IntxUnpackedToInt8Tensor`` weights, or the int8 constants of a PT2E graph (compiled or not) or
