@@ -49,7 +49,6 @@ from qlight.models import VGG, vgg11_bn
 from qlight.models.vgg import CFGS, make_layers
 from qlight.quantization import StaticPT2E, parse_recipe, quantizable_modules
 from qlight.quantization.io.serialization import quantized_bytes
-from qlight.quantization.io.speed import measure_speed
 from qlight.quantization.qat import fake_quant
 from qlight.quantization.qat.fake_quant import (
     FusedFakeQuantizer,
@@ -57,6 +56,7 @@ from qlight.quantization.qat.fake_quant import (
     activation_fake_quant_config,
     weight_fake_quant_config,
 )
+from qlight.quantization.runtimes.speed import measure_speed
 
 
 def sync(device: torch.device) -> None:

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.models import build_backbone
-from qlight.quantization.callbacks.lightning_plumbing import logs_this_step
+from qlight.quantization.lightning_plumbing import logs_this_step
 
 
 class ImageClassifier(LightningModule):

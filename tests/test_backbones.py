@@ -10,8 +10,8 @@ from torch import nn
 
 from qlight import BEST_METHOD, ImageClassifier, PostTrainingQuantization, QlightError
 from qlight.models import BACKBONES, build_backbone
+from qlight.quantization.grid.intx import intx_weight
 from qlight.quantization.methods import gptq_weight, input_hessians, inverse_hessian
-from qlight.quantization.recipes.intx import intx_weight
 
 # Narrow enough to train in seconds on two cores; epochs to about 95% top-1 or better.
 NARROW = {

@@ -1,4 +1,5 @@
-"""The package's shape: no import circle, and one owner of the bytes a quantized layer takes."""
+"""The package's shape: no import circle, folders that import only downward, and one owner of the bytes
+a quantized layer takes."""
 
 import ast
 import copy
@@ -9,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from qlight.quantization.grid.intx import intx_weight, set_weight
+from qlight.quantization.grid.sizes import stored_weight_bytes, weight_bytes
 from qlight.quantization.io.serialization import quantized_bytes
-from qlight.quantization.io.sizes import stored_weight_bytes, weight_bytes
 from qlight.quantization.recipes.base import quantizable_modules
-from qlight.quantization.recipes.intx import intx_weight, set_weight
 from qlight.quantization.recipes.sensitivity import layer_sensitivity
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
 
@@ -69,6 +70,48 @@ def test_no_import_circle_in_qlight():
     graph = import_graph()
     assert "qlight.quantization.recipes.base" in graph["qlight.quantization.recipes.mixed"]  # the graph is read
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+# qlight.quantization's folders, bottom first: each may import only itself and the folders before it.
+LAYERS = ("grid", "runtimes", "methods", "recipes", "qat", "io", "callbacks")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``importer -> imported`` for every import of a quantization folder drawn above the importer's
+    (a module at the package's root, such as ``lightning_plumbing``, stands below every folder)."""
+
+    def layer(module: str) -> int | None:
+        parts = module.split(".")
+        if parts[:2] != ["qlight", "quantization"] or len(parts) < 3:
+            return None
+        return LAYERS.index(parts[2]) if parts[2] in LAYERS else -1
+
+    return sorted(
+        f"{importer} -> {imported}"
+        for importer, edges in graph.items()
+        for imported in edges
+        if importer != "qlight.quantization"  # the package re-exports the public names
+        and layer(importer) is not None
+        and layer(imported) is not None
+        and layer(imported) > layer(importer)
+    )
+
+
+def test_quantization_folders_import_only_the_folders_below_them():
+    graph = import_graph()
+    folders = {p.name for p in (PACKAGE / "quantization").iterdir() if (p / "__init__.py").is_file()}
+    assert folders == set(LAYERS)
+    assert upward_imports(graph) == []
+
+
+def test_an_upward_import_is_found():
+    graph = {"qlight.quantization.grid.intx": {"qlight.quantization.recipes.base"}}
+    graph |= {"qlight.quantization.lightning_plumbing": {"qlight.quantization.callbacks.ptq"}}
+    graph |= {"qlight.quantization.callbacks.ptq": {"qlight.quantization.grid.intx", "qlight.errors"}}
+    assert upward_imports(graph) == [
+        "qlight.quantization.grid.intx -> qlight.quantization.recipes.base",
+        "qlight.quantization.lightning_plumbing -> qlight.quantization.callbacks.ptq",
+    ]
 
 
 def test_the_cycle_finder_finds_a_cycle_through_a_lazy_import():

@@ -10,6 +10,7 @@ from torch import nn
 
 from qlight import PostTrainingQuantization, QlightError, load_quantized
 from qlight.quantization import parse_recipe, quantizable_modules
+from qlight.quantization.grid.intx import code_range, intx_weight
 from qlight.quantization.io.serialization import quantized_bytes
 from qlight.quantization.methods import (
     Calibration,
@@ -18,7 +19,6 @@ from qlight.quantization.methods import (
     inverse_hessian,
     reestimate_batchnorm,
 )
-from qlight.quantization.recipes.intx import code_range, intx_weight
 from qlight.tables import read_csv
 
 BEST = "gptq+bn_reestimation+bias_correction"

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from qlight import LayerSensitivity, PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
 from qlight.quantization.callbacks.sensitivity import heatmap
-from qlight.quantization.io.sizes import weight_bytes
+from qlight.quantization.grid.sizes import weight_bytes
 from qlight.quantization.recipes.allocation import allocate_bits
 from qlight.quantization.recipes.plans import realised_plan
 from qlight.tables import read_csv

@@ -9,7 +9,7 @@ import torch
 from digits import DigitsNet, trainer
 
 from qlight import PostTrainingQuantization, QlightError, load_quantized
-from qlight.quantization.io.runtimes import export_onnx
+from qlight.quantization.runtimes.ort import export_onnx
 from qlight.tables import read_csv
 
 

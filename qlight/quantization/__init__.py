@@ -1,6 +1,8 @@
-"""Quantization by role: ``recipes/`` (what a quantized model is), ``methods/`` (how low-bit weights are
-chosen), ``qat/`` (fake quantization), ``callbacks/`` (the Lightning callbacks), ``io/`` (files,
-runtimes, sizes)."""
+"""Quantization by role, each folder importing only the ones listed before it: ``grid/`` (torchao's
+integer weights and the bytes they take), ``runtimes/`` (Inductor, ONNX Runtime, speed),
+``methods/`` (how low-bit weights are chosen), ``recipes/`` (what a quantized model is), ``qat/``
+(fake quantization), ``io/`` (files), ``callbacks/`` (the Lightning callbacks). ``lightning_plumbing``
+is the one module that touches Lightning internals."""
 
 import logging
 
@@ -12,6 +14,7 @@ from qlight.quantization.callbacks.ptq import PostTrainingQuantization  # noqa: 
 from qlight.quantization.callbacks.qat import QuantizationAwareTraining  # noqa: E402
 from qlight.quantization.callbacks.sensitivity import LayerSensitivity  # noqa: E402
 from qlight.quantization.callbacks.static_qat import StaticQuantizationAwareTraining  # noqa: E402
+from qlight.quantization.grid.intx import GRANULARITIES  # noqa: E402
 from qlight.quantization.io.serialization import load_quantized, pack_bits, unpack_bits  # noqa: E402
 from qlight.quantization.qat.fake_quant import FakeQuantizedConv2d  # noqa: E402
 from qlight.quantization.recipes.base import (  # noqa: E402
@@ -22,7 +25,6 @@ from qlight.quantization.recipes.base import (  # noqa: E402
     valid_recipe_names,
 )
 from qlight.quantization.recipes.float_cast import FloatCast  # noqa: E402
-from qlight.quantization.recipes.intx import GRANULARITIES  # noqa: E402
 from qlight.quantization.recipes.mixed import MixedPrecision  # noqa: E402
 from qlight.quantization.recipes.static import StaticPT2E  # noqa: E402
 from qlight.quantization.recipes.weight_only import IntxWeightOnly  # noqa: E402

@@ -39,7 +39,7 @@ from qlight.quantization import (
     QuantizationAwareTraining,
     StaticQuantizationAwareTraining,
 )
-from qlight.quantization.callbacks.lightning_plumbing import load_checkpoint_weights
+from qlight.quantization.lightning_plumbing import load_checkpoint_weights
 from qlight.quantization.recipes.base import BEST_METHOD, DEFAULT_GRANULARITY, quantizable_modules
 from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.study.figures import FIGURES

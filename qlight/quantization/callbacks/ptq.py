@@ -22,7 +22,10 @@ from typing_extensions import override
 
 from qlight.errors import QlightError, QlightWarning
 from qlight.files import atomic_write_bytes, atomic_write_text, exclusive_dir
-from qlight.quantization.callbacks.lightning_plumbing import (
+from qlight.quantization.callbacks.sensitivity import write_sensitivity
+from qlight.quantization.grid.intx import Granularity
+from qlight.quantization.io.serialization import quantized_bytes
+from qlight.quantization.lightning_plumbing import (
     dataloader,
     eval_copy,
     evaluate,
@@ -33,9 +36,6 @@ from qlight.quantization.callbacks.lightning_plumbing import (
     output_dir,
     transferred_batches,
 )
-from qlight.quantization.callbacks.sensitivity import write_sensitivity
-from qlight.quantization.io.serialization import quantized_bytes
-from qlight.quantization.io.speed import measure_speed
 from qlight.quantization.methods import Calibration
 from qlight.quantization.recipes.base import (
     DEFAULT_GRANULARITY,
@@ -48,10 +48,10 @@ from qlight.quantization.recipes.base import (
     quantized_weight_sizes,
 )
 from qlight.quantization.recipes.float_cast import FloatCast
-from qlight.quantization.recipes.intx import Granularity
 from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.quantization.recipes.plans import average_bits, realised_plan
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
+from qlight.quantization.runtimes.speed import measure_speed
 from qlight.tables import markdown_table, write_results
 
 MANIFEST = "ptq_files.json"  # the files the last run wrote into the output folder

@@ -14,15 +14,15 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes
-from qlight.quantization.callbacks.lightning_plumbing import (
+from qlight.quantization.grid.intx import MAX_BITS, MIN_BITS, Granularity, groupable, intx_from_codes, set_weight
+from qlight.quantization.io.serialization import quantized_bytes
+from qlight.quantization.lightning_plumbing import (
     eval_copy,
     example_input,
     load_checkpoint_weights,
     log_to_loggers,
     non_finite_tensors,
 )
-from qlight.quantization.io.serialization import quantized_bytes
-from qlight.quantization.io.speed import measure_speed
 from qlight.quantization.qat.fake_quant import (
     FAKE_QUANTIZED,
     activation_fake_quant_config,
@@ -35,10 +35,10 @@ from qlight.quantization.qat.fake_quant import (
 )
 from qlight.quantization.qat.results import QATResults, check_eval_split
 from qlight.quantization.recipes.base import Recipe, check_granularity, float_modules, quantizable_modules
-from qlight.quantization.recipes.intx import MAX_BITS, MIN_BITS, Granularity, groupable, intx_from_codes, set_weight
 from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.quantization.recipes.plans import check_bits, check_plan, read_plan
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
+from qlight.quantization.runtimes.speed import measure_speed
 
 
 def _check_scales(learned_scales: bool, module: nn.Module, state_dict: dict[str, Any], *args: Any) -> None:

@@ -16,7 +16,8 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes
-from qlight.quantization.callbacks.lightning_plumbing import (
+from qlight.quantization.grid.intx import MAX_BITS, MIN_BITS, Granularity, groupable
+from qlight.quantization.lightning_plumbing import (
     dataloader,
     eval_copy,
     log_figure,
@@ -25,7 +26,6 @@ from qlight.quantization.callbacks.lightning_plumbing import (
 )
 from qlight.quantization.methods import Calibration
 from qlight.quantization.recipes.base import ROUNDINGS, check_granularity, quantizable_modules
-from qlight.quantization.recipes.intx import MAX_BITS, MIN_BITS, Granularity, groupable
 from qlight.quantization.recipes.sensitivity import COLUMNS, layer_sensitivity
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
 from qlight.tables import write_csv

@@ -16,7 +16,9 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes
-from qlight.quantization.callbacks.lightning_plumbing import (
+from qlight.quantization.callbacks.qat import QuantizationAwareTraining
+from qlight.quantization.io.serialization import quantized_bytes
+from qlight.quantization.lightning_plumbing import (
     eval_copy,
     example_input,
     is_compiled,
@@ -25,13 +27,11 @@ from qlight.quantization.callbacks.lightning_plumbing import (
     non_finite_tensors,
     parameter_device,
 )
-from qlight.quantization.callbacks.qat import QuantizationAwareTraining
-from qlight.quantization.io.serialization import quantized_bytes
-from qlight.quantization.io.speed import measure_speed
 from qlight.quantization.qat import pt2e
 from qlight.quantization.qat.results import QATResults, check_eval_split
 from qlight.quantization.recipes.base import float_modules, quantizable_modules
 from qlight.quantization.recipes.static import StaticPT2E, x86_quantizer
+from qlight.quantization.runtimes.speed import measure_speed
 
 WEIGHT_BITS = (8, 4)  # what X86InductorQuantizer's per-channel weight spec expresses through qlight
 _OBSERVER_KEY = "activation_post_process_"  # the state-dict names prepare_qat_pt2e gives its fake-quantizers

@@ -1,2 +1,1 @@
-"""Files and runtimes: the quantized file format, ONNX Runtime and Inductor, speed measurement, and
-every byte count (``sizes``)."""
+"""qlight's quantized files: the format that ``load_quantized`` reads (``serialization``)."""

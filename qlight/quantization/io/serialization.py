@@ -34,11 +34,13 @@ from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported
 
 from qlight.errors import QlightError
 from qlight.files import load_torch_file
-from qlight.quantization.io.runtimes import InductorGraph, OnnxRuntimeModule, check_self_contained
+from qlight.quantization.grid.intx import code_range, dtype_bits, intx_from_codes, set_weight
 from qlight.quantization.recipes.base import Recipe, parse_recipe, quantizable_modules
-from qlight.quantization.recipes.intx import code_range, dtype_bits, intx_from_codes, set_weight
+from qlight.quantization.recipes.mixed import register_saved_bytes
 from qlight.quantization.recipes.plans import check_plan, realised_plan
 from qlight.quantization.recipes.static import export_batched
+from qlight.quantization.runtimes.inductor import InductorGraph
+from qlight.quantization.runtimes.ort import OnnxRuntimeModule, check_self_contained
 
 FORMAT = "qlight.quantized/1"
 _PLAIN_TENSOR_FILES = (pt2_constants.WEIGHT_FILENAME_PREFIX, pt2_constants.TENSOR_CONSTANT_FILENAME_PREFIX)
@@ -115,6 +117,11 @@ def quantized_bytes(
         payload["plan"] = realised_plan(model)
     torch.save(payload, buffer)
     return buffer.getvalue()
+
+
+@register_saved_bytes
+def _weight_only_file_bytes(model: nn.Module, recipe: Recipe, targets: Sequence[str], source: nn.Module) -> int:
+    return len(quantized_bytes(model, recipe, targets, source, torch.empty(0)))
 
 
 def _model_class(class_path: Any, trusted_modules: Sequence[str], path: Path) -> type[nn.Module]:

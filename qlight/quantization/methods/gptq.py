@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
+from qlight.quantization.grid.intx import Granularity, code_range, intx_from_codes, intx_weight
 from qlight.quantization.methods.calibration import hooked, run
-from qlight.quantization.recipes.intx import Granularity, code_range, intx_from_codes, intx_weight
 
 PERCDAMP = 0.01
 DAMPING_TRIES = 4

@@ -3,7 +3,7 @@
 torchao's QAT swaps only ``nn.Linear`` (``FakeQuantizedLinear``); it has no fake-quantized conv.
 :class:`FakeQuantizedConv2d` fills that gap with torchao's ``IntxFakeQuantizer`` semantics, grouping
 conv weights as qlight's weight-only recipes do (``per_channel`` or ``per_kernel_position``, see
-:mod:`qlight.quantization.recipes.intx`), so converting after training reproduces the trained numerics.
+:mod:`qlight.quantization.grid.intx`), so converting after training reproduces the trained numerics.
 Per-step scales go through :class:`FusedFakeQuantizer` (torchao's forward, bit for bit, in a dozen
 ops; the weights of all layers of a model in one autograd node per step); learned scales use
 torchao's quantizer itself (:class:`TorchaoFakeQuantizer`).
@@ -17,7 +17,7 @@ from torchao.quantization.granularity import PerToken
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig, IntxFakeQuantizer
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, quantize_affine
 
-from qlight.quantization.recipes.intx import Granularity, block_size, int_dtype
+from qlight.quantization.grid.intx import Granularity, block_size, int_dtype
 
 
 def weight_fake_quant_config(bits: int, learned_scales: bool = False) -> IntxFakeQuantizeConfig:

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import exclusive_dir
-from qlight.quantization.callbacks.lightning_plumbing import (
+from qlight.quantization.lightning_plumbing import (
     dataloader,
     evaluate,
     log_to_loggers,

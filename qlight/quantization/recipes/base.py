@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
 from qlight.errors import QlightError
-from qlight.quantization.io.runtimes import InductorGraph, OnnxRuntimeModule
-from qlight.quantization.recipes.intx import GRANULARITIES, Granularity
+from qlight.quantization.grid.intx import GRANULARITIES, Granularity
+from qlight.quantization.runtimes.inductor import InductorGraph
+from qlight.quantization.runtimes.ort import OnnxRuntimeModule
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 DEFAULT_GRANULARITY: Granularity = "per_channel"

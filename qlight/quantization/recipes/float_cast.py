@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from qlight.quantization.grid.intx import Granularity
 from qlight.quantization.recipes.base import Recipe, register_recipe
-from qlight.quantization.recipes.intx import Granularity
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qlight.errors import QlightError
-from qlight.quantization.io.sizes import weight_bytes
+from qlight.quantization.grid.intx import GRANULARITIES, MAX_BITS, MIN_BITS, Granularity, groupable
+from qlight.quantization.grid.sizes import weight_bytes
 from qlight.quantization.methods import remembered
 from qlight.quantization.recipes.allocation import Plan, allocate_bits
 from qlight.quantization.recipes.base import DEFAULT_GRANULARITY, check_granularity, parse_method, register_recipe
-from qlight.quantization.recipes.intx import GRANULARITIES, MAX_BITS, MIN_BITS, Granularity, groupable
 from qlight.quantization.recipes.plans import check_plan, read_plan
 from qlight.quantization.recipes.sensitivity import layer_sensitivity
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
@@ -33,6 +33,17 @@ from qlight.quantization.recipes.weight_only import IntxWeightOnly
 CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
 _MIXED = re.compile(r"mixed@(\d+(?:\.\d+)?(?:MiB)?|.+?\.json)((?:\+\w+)*)(?:@(\w+))?")
 ALIGNMENT = 64  # torch.save aligns every tensor record to 64 bytes: a plan's bytes can move by that much
+
+# The bytes of a saved model (quantized, recipe, targets, source), registered by the file format
+# (``io/serialization``): recipes stand below the files that record them and cannot import them.
+SavedBytes = Callable[[nn.Module, "MixedPrecision", Sequence[str], nn.Module], int]
+_saved_bytes: list[SavedBytes] = []
+
+
+def register_saved_bytes(measure: SavedBytes) -> SavedBytes:
+    """Tell MiB budgets how many bytes a saved model takes (the file format registers itself)."""
+    _saved_bytes[:] = [measure]
+    return measure
 
 
 @dataclass(frozen=True)
@@ -173,12 +184,12 @@ class MixedPrecision:
     def _fixed_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str]) -> int:
         """The file's bytes besides the quantized layers' codes and scales, measured on a 2-bit copy,
         plus the alignment a different plan may add."""
-        from qlight.quantization.io.serialization import quantized_bytes
-
+        if not _saved_bytes:
+            raise RuntimeError("no file format registered its sizes: import qlight.quantization first")
         plan = dict.fromkeys(layers, MIN_BITS)
         smallest = IntxWeightOnly(MIN_BITS, self.granularity).quantize_plan(copy.deepcopy(model), targets, plan)
         layer_bytes = sum(weight_bytes(model.get_submodule(n).weight.shape, MIN_BITS, self.granularity) for n in layers)
-        size = len(quantized_bytes(smallest, self, targets, model, torch.empty(0)))
+        size = _saved_bytes[0](smallest, self, targets, model)
         return size - layer_bytes + ALIGNMENT * len(layers)
 
 

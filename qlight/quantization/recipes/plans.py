@@ -11,8 +11,8 @@ from torch import nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
 from qlight.errors import QlightError
+from qlight.quantization.grid.intx import MAX_BITS, MIN_BITS, dtype_bits
 from qlight.quantization.recipes.allocation import Plan
-from qlight.quantization.recipes.intx import MAX_BITS, MIN_BITS, dtype_bits
 
 MAX_PLAN_BYTES = 2**20
 

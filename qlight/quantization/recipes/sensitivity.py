@@ -15,8 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qlight.quantization.io.sizes import weight_bytes
-from qlight.quantization.recipes.intx import Granularity
+from qlight.quantization.grid.intx import Granularity
+from qlight.quantization.grid.sizes import weight_bytes
 
 COLUMNS = ["layer", "params", "bits", "acc1", "kl", "bytes"]
 QuantizeLayer = Callable[[nn.Module, str, int], None]  # (model, layer name, bits): quantize that layer in place

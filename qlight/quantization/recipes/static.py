@@ -15,9 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from qlight.errors import QlightError
-from qlight.quantization.io.runtimes import InductorGraph, OnnxRuntimeModule, check_agreement, export_onnx
+from qlight.quantization.grid.intx import Granularity
 from qlight.quantization.recipes.base import QUANTIZABLE, Recipe, quantized_weight_sizes, register_recipe
-from qlight.quantization.recipes.intx import Granularity
+from qlight.quantization.runtimes.agreement import check_agreement
+from qlight.quantization.runtimes.inductor import InductorGraph
+from qlight.quantization.runtimes.ort import OnnxRuntimeModule, export_onnx
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class StaticPT2E:
     calibrate, convert): int8 activations per tensor, ``weight_bits`` per output channel, BatchNorm
     folded. The result is an exported graph, run as it is (``eager``: quantize/dequantize around
     float ops, a reference rather than a fast model), compiled by Inductor's x86 int8 lowering, or
-    exported to ONNX and run by ONNX Runtime (see :mod:`qlight.quantization.io.runtimes`)."""
+    exported to ONNX and run by ONNX Runtime (see :mod:`qlight.quantization.runtimes`)."""
 
     weight_bits: int = 8
     runtime: Literal["eager", "inductor", "onnxruntime"] = "eager"

@@ -12,6 +12,15 @@ import torch
 from torch import Tensor, nn
 
 from qlight.errors import QlightError, QlightWarning
+from qlight.quantization.grid.intx import (
+    GRANULARITIES,
+    MAX_BITS,
+    MIN_BITS,
+    Granularity,
+    groupable,
+    intx_weight,
+    set_weight,
+)
 from qlight.quantization.methods import (
     correct_biases,
     gptq_weight,
@@ -32,15 +41,6 @@ from qlight.quantization.recipes.base import (
     parse_method,
     register_recipe,
 )
-from qlight.quantization.recipes.intx import (
-    GRANULARITIES,
-    MAX_BITS,
-    MIN_BITS,
-    Granularity,
-    groupable,
-    intx_weight,
-    set_weight,
-)
 
 _INT = re.compile(r"int(\d+)((?:\+\w+)*)(?:@(\w+))?")
 
@@ -48,7 +48,7 @@ _INT = re.compile(r"int(\d+)((?:\+\w+)*)(?:@(\w+))?")
 @dataclass(frozen=True)
 class IntxWeightOnly:
     """Symmetric N-bit weights as torchao ``IntxUnpackedToInt8Tensor``, one scale per group (see
-    :mod:`qlight.quantization.recipes.intx`); activations stay in float. A conv whose groups would hold one
+    :mod:`qlight.quantization.grid.intx`); activations stay in float. A conv whose groups would hold one
     value (one input channel, ``per_kernel_position``) stays float.
 
     Args:

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from qlight.quantization.recipes.intx import Granularity, block_size
+from qlight.quantization.grid.intx import Granularity, block_size
 
 SCALE_BYTES, ZERO_POINT_BYTES = 4, 1  # per block: an fp32 scale and an int8 zero point
 

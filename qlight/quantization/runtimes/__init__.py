@@ -1,0 +1,1 @@
+"""What runs a quantized model besides eager PyTorch (Inductor, ONNX Runtime) and how fast it runs."""
