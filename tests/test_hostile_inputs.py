@@ -1,0 +1,140 @@
+"""Hostile inputs (issue #31): image bombs and odd images, class paths that fail, CLI values Lightning
+refuses with a traceback, and a DDP rank whose parent died. Each ends in one line, or in bounded time."""
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+from torchvision.io import write_png
+from torchvision.transforms.v2 import functional as F
+
+from qlight import ImageFolderDataModule
+from qlight.data import image_folder
+from qlight.data.image_folder import channel_stats
+from qlight.errors import QlightError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A 1-bit grey PNG of ``width`` x ``height`` zero pixels: a few hundred bytes at most for any size."""
+    row = b"\x00" * (1 + (width + 7) // 8)
+    data = zlib.compressobj(9)
+    body = b"".join(data.compress(row) for _ in range(height)) + data.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def _folder(root: Path, per_class: int = 2) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for index, name in enumerate(("a", "b")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                image = torch.randint(0, 100, (3, 10, 12), generator=generator, dtype=torch.uint8) + 100 * index
+                write_png(image, str(root / split / name / f"{i}.png"))
+    return root
+
+
+def _load_error(root: Path) -> str:
+    with pytest.raises(QlightError) as info:
+        ImageFolderDataModule(str(root), image_size=8, batch_size=2).setup("fit")
+    message = str(info.value)
+    assert "\n" not in message and "/__w/" not in message and ".cpp" not in message
+    return message
+
+
+@pytest.mark.parametrize(("width", "height"), [(20_000, 20_000), (8_000, 7_000), (999_999, 1)])
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch, width, height):
+    root = _folder(tmp_path / "images")
+    _png_header_only(root / "train" / "a" / "bomb.png", width, height)
+    decode = image_folder.decode_image
+
+    def decode_small(path, *args, **kwargs):
+        assert "bomb" not in path, "decoded before its size was checked"
+        return decode(path, *args, **kwargs)
+
+    monkeypatch.setattr(image_folder, "decode_image", decode_small)
+    message = _load_error(root)
+    assert "bomb.png is " in message and "over the limit of 50,000,000 pixels (65,535 a side)" in message
+
+
+def test_a_long_strip_is_cropped_before_it_is_resized(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "images")
+    _png_header_only(root / "train" / "a" / "strip.png", 60_000, 1)
+    resize, sizes = F.resize, []
+
+    def recorded(image, *args, **kwargs):
+        resized = resize(image, *args, **kwargs)
+        sizes.append(resized.numel())
+        return resized
+
+    monkeypatch.setattr(F, "resize", recorded)
+    data = ImageFolderDataModule(str(root), image_size=32, batch_size=2)
+    data.setup("fit")
+    assert data.train_set.tensors[0].shape == (5, 3, 32, 32)
+    assert max(sizes) == 3 * 32 * 32  # resizing the strip's short side to 32 first takes 184 MB
+
+
+def test_16_bit_bmp_and_tiff_images_are_read_as_8_bit_rgb(tmp_path):
+    root = _folder(tmp_path / "images")
+    grey16 = np.full((10, 12), 0xAB00 + 0x7F, dtype=np.uint16)
+    Image.fromarray(grey16).save(root / "train" / "a" / "deep.png")
+    Image.fromarray(grey16).save(root / "train" / "a" / "deep.tiff")
+    colour = np.zeros((10, 12, 3), dtype=np.uint8)
+    colour[..., 1] = 77
+    Image.fromarray(colour).save(root / "train" / "b" / "plain.bmp")
+    Image.fromarray(colour).save(root / "train" / "b" / "plain.tif")
+    data = ImageFolderDataModule(str(root), image_size=8, batch_size=2)
+    data.setup("fit")
+    images, labels = data.train_set.tensors
+    assert images.dtype == torch.uint8 and len(labels) == 8
+    deep = images[(images == 0xAB).flatten(1).all(1)]
+    plain = images[(images[:, 1] == 77).flatten(1).all(1) & (images[:, 0] == 0).flatten(1).all(1)]
+    assert (len(deep), len(plain)) == (2, 2)  # 16-bit keeps its top byte, not 255 (clipped)
+
+
+def test_unreadable_images_are_one_line_without_torchvision_build_paths(tmp_path):
+    root = _folder(tmp_path / "images")
+    good = (root / "train" / "a" / "0.png").read_bytes()
+    (root / "train" / "a" / "truncated.png").write_bytes(good[: len(good) // 2])
+    assert "truncated.png cannot be read as an image (Out of bound read in decode_png." in _load_error(root)
+    (root / "train" / "a" / "truncated.png").unlink()
+    (root / "train" / "a" / "bad\nerror: all fine.png").write_bytes(b"not an image" * 40)
+    message = _load_error(root)
+    assert "bad\\nerror: all fine.png' cannot be read as an image (not in a format" in message
+
+
+def test_an_empty_class_folder_is_refused(tmp_path):
+    root = _folder(tmp_path / "images")
+    (root / "train" / "c" / "deeper").mkdir(parents=True)
+    (root / "train" / "c" / "notes.txt").write_text("no image")
+    assert "train has class folders without images" in _load_error(root) and "'c'" in _load_error(root)
+    (root / "val" / "a").rename(root / "val" / "elsewhere")  # a class the test split lacks is fine there
+    (root / "train" / "c" / "notes.txt").unlink()
+    (root / "train" / "c" / "deeper").rmdir()
+    (root / "train" / "c").rmdir()
+    (root / "val" / "elsewhere").rename(root / "val" / "a")
+    ImageFolderDataModule(str(root), image_size=8).setup("fit")
+
+
+def test_mean_and_std_are_exact_and_take_no_float_copy_of_the_images():
+    images = torch.randint(0, 256, (20, 3, 9, 9), dtype=torch.uint8)
+    mean, std = channel_stats(images)
+    pixels = images.transpose(0, 1).reshape(3, -1).double() / 255
+    assert mean == pytest.approx(pixels.mean(1).tolist(), abs=1e-12)
+    assert std == pytest.approx(pixels.std(1).tolist(), abs=1e-12)
+    images = torch.full((25_000, 3, 32, 32), 7, dtype=torch.uint8)  # 77 MB; a float copy is 307 MB
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
+        assert channel_stats(images)[0] == pytest.approx((7 / 255,) * 3)
+    largest_mib = max(event.cpu_memory_usage for event in profiled.events()) / 2**20
+    assert largest_mib < 20, f"channel_stats allocated {largest_mib:.0f} MiB at once"
