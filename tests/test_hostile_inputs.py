@@ -14,6 +14,7 @@ from torchvision.io import write_png
 from torchvision.transforms.v2 import functional as F
 
 from qlight import ImageFolderDataModule
+from qlight.cli import main
 from qlight.data import image_folder
 from qlight.data.image_folder import channel_stats
 from qlight.errors import QlightError
@@ -138,3 +139,31 @@ def test_mean_and_std_are_exact_and_take_no_float_copy_of_the_images():
         assert channel_stats(images)[0] == pytest.approx((7 / 255,) * 3)
     largest_mib = max(event.cpu_memory_usage for event in profiled.events()) / 2**20
     assert largest_mib < 20, f"channel_stats allocated {largest_mib:.0f} MiB at once"
+
+
+def _exit_code(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+SYNTHETIC = ["--data.synthetic=true", "--data.synthetic_train_size=8", "--data.synthetic_test_size=4"]
+SYNTHETIC += ["--data.val_size=4", "--model.backbone=test_any_data.TinyRGB", "--trainer.accelerator=cpu"]
+SYNTHETIC += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _fit(tmp_path, *args: str) -> list[str]:
+    return ["fit", *SYNTHETIC, f"--trainer.logger.init_args.save_dir={tmp_path}", *args]
+
+
+@pytest.mark.parametrize("augment_on_device", [True, False])
+def test_a_batch_larger_than_the_training_set_is_one_line(tmp_path, capsys, augment_on_device):
+    args = ["--data.batch_size=1000000000", f"--data.augment_on_device={augment_on_device}", "--data.num_workers=0"]
+    assert _exit_code(_fit(tmp_path, *args)) == 2
+    assert "data.batch_size=1000000000 is more than the 4 training images per device" in _one_error_line(capsys)
