@@ -148,14 +148,15 @@ def _exit_code(args: list[str]) -> int:
 
 
 def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
+    """The error line the CLI ended with (Lightning's warnings may come before it), after no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: "), err
+    return err.strip().splitlines()[-1]
 
 
 SYNTHETIC = ["--data.synthetic=true", "--data.synthetic_train_size=8", "--data.synthetic_test_size=4"]
 SYNTHETIC += ["--data.val_size=4", "--model.backbone=test_any_data.TinyRGB", "--trainer.accelerator=cpu"]
-SYNTHETIC += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+SYNTHETIC += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.max_epochs=1"]
 
 
 def _fit(tmp_path, *args: str) -> list[str]:
@@ -167,3 +168,49 @@ def test_a_batch_larger_than_the_training_set_is_one_line(tmp_path, capsys, augm
     args = ["--data.batch_size=1000000000", f"--data.augment_on_device={augment_on_device}", "--data.num_workers=0"]
     assert _exit_code(_fit(tmp_path, *args)) == 2
     assert "data.batch_size=1000000000 is more than the 4 training images per device" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trainer.precision=fp8"], "trainer.precision fp8 is not supported: give one of 16-mixed, bf16-mixed"),
+        (["--trainer.precision", "64-true"], "trainer.precision 64-true is not supported"),
+        (["--trainer.devices=0"], "Lightning refuses the trainer settings (MisconfigurationException: `Trainer(devi"),
+        (["--trainer.devices=-1"], "Lightning refuses the trainer settings (TypeError: `devices` selected with"),
+        (["--trainer.max_epochs=-1"], "the cosine schedule runs per step and needs a finite length"),
+        (["--model.backbone=torch.nn.Identity"], "backbone torch.nn.Identity has no parameters to train"),
+        (["--model.backbone=torch.nn.Flatten"], "backbone torch.nn.Flatten has no parameters to train"),
+    ],
+)
+def test_trainer_and_model_settings_lightning_refuses_are_one_line(tmp_path, capsys, args, message):
+    assert _exit_code(_fit(tmp_path, "--data.batch_size=2", *args)) == 2
+    assert message in _one_error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the point is a machine without a GPU")
+@pytest.mark.parametrize(
+    "accelerator", [["--trainer.accelerator=gpu"], ["--trainer.accelerator=cuda", "--trainer.devices=4"]]
+)
+def test_a_gpu_on_a_machine_without_one_is_one_line(tmp_path, capsys, accelerator):
+    assert _exit_code(_fit(tmp_path, *accelerator)) == 2
+    assert "Lightning refuses the trainer settings (MisconfigurationException:" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("class Net(nn.Module)\n    pass\n", "its module raised SyntaxError: expected ':' (broken_"),
+        ("raise RuntimeError('boom\\nat import')\n", "its module raised RuntimeError: boom at import: fix it"),
+        (
+            "class Net(nn.Module):\n    def __init__(self, num_classes):\n        raise ValueError('no width')\n",
+            "with init_args {'num_classes': 100}: ValueError: no width",
+        ),
+    ],
+)
+def test_a_user_network_that_fails_to_import_or_build_is_one_line(tmp_path, monkeypatch, capsys, source, message):
+    module = f"broken_{len(source)}"  # a module name per case: Python caches what it imported
+    (tmp_path / f"{module}.py").write_text("from torch import nn\n" + source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _exit_code(_fit(tmp_path, f"--model.backbone={module}.Net")) == 2
+    err = _one_error_line(capsys)
+    assert f"backbone {module}.Net" in err and message in err
