@@ -18,6 +18,7 @@ from qlight.class_path import one_line
 from qlight.classifier import ImageClassifier
 from qlight.data.class_path import DEFAULT_DATA, datamodule_class, model_classes_from_data
 from qlight.errors import QlightError
+from qlight.launched_rank import end_with_launcher
 from qlight.models import BACKBONE_FORMS
 
 DESCRIPTION = (
@@ -160,6 +161,7 @@ def _check_arguments(argv: list[str]) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point; user errors end as one ``error: ...`` line and exit code 2."""
+    end_with_launcher()
     argv = sys.argv[1:] if args is None else list(args)
     set_loader("yaml", _yaml_without_aliases, exceptions=(yaml.YAMLError,))
     try:

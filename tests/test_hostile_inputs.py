@@ -1,7 +1,12 @@
 """Hostile inputs (issue #31): image bombs and odd images, class paths that fail, CLI values Lightning
 refuses with a traceback, and a DDP rank whose parent died. Each ends in one line, or in bounded time."""
 
+import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -214,3 +219,57 @@ def test_a_user_network_that_fails_to_import_or_build_is_one_line(tmp_path, monk
     assert _exit_code(_fit(tmp_path, f"--model.backbone={module}.Net")) == 2
     err = _one_error_line(capsys)
     assert f"backbone {module}.Net" in err and message in err
+
+
+# A rank as Lightning's launcher starts it, without the import of torch: the module alone, by its path.
+RANK = f"""
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("launched_rank", {str(ROOT / "qlight" / "launched_rank.py")!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.end_with_launcher()
+print("ready", flush=True)
+time.sleep(120)
+"""
+# Rank 0: records its pid, starts rank 1 (LOCAL_RANK=1) and waits, to be SIGKILLed.
+LAUNCHER = f"""
+import os, subprocess, sys, time
+exec({RANK.split("print")[0]!r})
+child = subprocess.Popen([sys.executable, "-c", {RANK!r}], env={{**os.environ, "LOCAL_RANK": "1"}},
+                         stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline() == "ready\\n"
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in "ZX"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_started_rank_ends_when_rank_0_is_killed(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, text=True)
+    try:
+        rank_1 = int(launcher.stdout.readline())
+        assert not _ended(rank_1)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 10
+    while not _ended(rank_1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not _ended(rank_1):
+        os.kill(rank_1, signal.SIGKILL)
+        pytest.fail("rank 1 outlived rank 0 by 10 s")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_rank_whose_launcher_ended_before_it_started_exits_at_once():
+    env = {**os.environ, "LOCAL_RANK": "1", "QLIGHT_LAUNCHER_PID": str(os.getppid())}  # not the rank's parent
+    out = subprocess.run([sys.executable, "-c", RANK], env=env, capture_output=True, text=True, timeout=20)
+    assert out.returncode == 1 and "which started this rank, has ended" in out.stderr
