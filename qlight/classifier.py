@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -11,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from qlight.errors import QlightError
-from qlight.models import build_backbone
+from qlight.models import backbone_name, build_backbone
 from qlight.quantization.lightning_plumbing import logs_this_step
 
 
@@ -143,12 +144,25 @@ class ImageClassifier(LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
+        if next(self.parameters(), None) is None:
+            name = backbone_name(hp.backbone) if "backbone" in hp else type(self.model).__name__
+            raise QlightError(
+                f"backbone {name} has no parameters to train: give a network with learnable layers that returns "
+                f"(batch, num_classes) logits"
+            )
         optimizer = torch.optim.SGD(
             self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.momentum > 0
         )
         if hp.schedule == "constant":
             return optimizer
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise QlightError(
+                f"the {hp.schedule} schedule runs per step and needs a finite length, but trainer.max_epochs is "
+                f"{self.trainer.max_epochs} and trainer.max_steps {self.trainer.max_steps}: set trainer.max_epochs or "
+                "trainer.max_steps, or model.schedule constant"
+            )
+        total = max(int(total), 1)
         if hp.schedule == "onecycle":
             scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=hp.lr, total_steps=total

@@ -9,13 +9,16 @@ from typing import Any
 import yaml
 from jsonargparse import set_loader
 from jsonargparse._loaders_dumpers import yaml_load
-from lightning.pytorch import LightningDataModule
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from qlight.class_path import one_line
 from qlight.classifier import ImageClassifier
 from qlight.data.class_path import DEFAULT_DATA, datamodule_class, model_classes_from_data
 from qlight.errors import QlightError
+from qlight.launched_rank import end_with_launcher
 from qlight.models import BACKBONE_FORMS
 
 DESCRIPTION = (
@@ -23,6 +26,7 @@ DESCRIPTION = (
     "python -m qlight study --config configs/study.yaml (python -m qlight study --help). "
     "Every PTQ recipe, method and granularity: python -m qlight recipes."
 )
+PRECISION_ALIASES = ("32", "16", "bf16")  # Lightning's short names of 32-true, 16-mixed and bf16-mixed
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -62,6 +66,16 @@ class QlightCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         model_classes_from_data(self.config[self.subcommand] if self.subcommand else self.config)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Lightning checks the accelerator, devices and strategy here, and answers with a traceback.
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, TypeError, ValueError) as err:
+            raise QlightError(
+                f"Lightning refuses the trainer settings ({one_line(err)}): check trainer.accelerator, "
+                "trainer.devices and trainer.strategy"
+            ) from err
+
 
 def _qlight_error(err: BaseException) -> QlightError | None:
     """The QlightError behind ``err``: jsonargparse wraps errors raised while it builds classes."""
@@ -81,36 +95,64 @@ def _yaml_without_aliases(stream: str) -> Any:
     return yaml_load(stream)
 
 
-def _data_class_paths(argv: list[str]) -> list[Any]:
-    """What each ``--config`` file and ``--data``/``--data.class_path`` flag names as the data class, in the
-    order jsonargparse applies them (the last wins); an empty config file is refused where it is read."""
-    named: list[Any] = []
+def _arguments(argv: list[str]) -> list[tuple[str, Any]]:
+    """Each flag of ``argv`` with its value, in the order jsonargparse applies them (the last wins); a
+    ``--config`` flag comes with its file's parsed content (None when jsonargparse is left to report it).
+    An empty config file is refused here (jsonargparse says only "Unexpected config: ")."""
+    named: list[tuple[str, Any]] = []
     for flag, value in zip(argv, [*argv[1:], None], strict=True):
         key, _, inline = flag.partition("=")
         value = inline if inline else value
-        if key in ("--data", "--data.class_path") and value is not None:
-            named.append(value)
-        elif key == "--config" and value is not None:
-            path = Path(value)
-            text = path.read_text(errors="replace") if path.is_file() else None
-            if text is not None and not text.strip():
-                raise QlightError(f"config {path} is empty: give it settings, or leave out --config {path}")
-            try:
-                config = _yaml_without_aliases(text) if text else None
-            except yaml.YAMLError:
-                continue  # jsonargparse reports it
-            spec = config.get("data") if isinstance(config, dict) else None
-            named.append(spec.get("class_path") if isinstance(spec, dict) else spec)
+        if key != "--config" or value is None:
+            named.append((key, value))
+            continue
+        path = Path(value)
+        text = path.read_text(errors="replace") if path.is_file() else None
+        if text is not None and not text.strip():
+            raise QlightError(f"config {path} is empty: give it settings, or leave out --config {path}")
+        try:
+            named.append((key, _yaml_without_aliases(text) if text else None))
+        except yaml.YAMLError:
+            named.append((key, None))  # jsonargparse reports it
     return named
 
 
+def _named(arguments: list[tuple[str, Any]], section: str, key: str) -> list[Any]:
+    """What the flags ``--<section>.<key>`` (and ``--data`` for the data's class path) and the configs'
+    ``section: {key: ...}`` name, in order; a config's ``data: <class path>`` counts as its class path."""
+    flags = (f"--{section}.{key}", "--data") if section == "data" else (f"--{section}.{key}",)
+    named = []
+    for flag, value in arguments:
+        if flag in flags and value is not None:
+            named.append(value)
+        elif flag == "--config" and isinstance(value, dict):
+            spec = value.get(section)
+            if isinstance(spec, dict):
+                named.append(spec.get(key))
+            elif section == "data":
+                named.append(spec)  # data: <class path>
+    return named
+
+
+def _check_precision(arguments: list[tuple[str, Any]]) -> None:
+    """The last ``trainer.precision`` named must be one ImageClassifier trains in: jsonargparse answers an
+    unknown one with its usage (70 lines), and ``64-true`` fails at the first batch with a traceback."""
+    from qlight.study.runner import PRECISIONS
+
+    named = [value for value in _named(arguments, "trainer", "precision") if value is not None]
+    if named and str(named[-1]) not in (*PRECISIONS, *PRECISION_ALIASES):
+        raise QlightError(f"trainer.precision {named[-1]} is not supported: give one of {', '.join(PRECISIONS)}")
+
+
 def _check_arguments(argv: list[str]) -> str:
-    """What jsonargparse reports in a screenful, in one line: an empty ``--config`` file (it says only
-    "Unexpected config: ") and a ``--data`` class path that is not a DataModule. Returns the class path of
-    the data class the arguments name (CIFAR-100's when none), to be the parser's default: jsonargparse
-    carries the default class's arguments (``val_size``) over to a class named later."""
+    """What jsonargparse reports in a screenful, in one line: an empty ``--config`` file, a ``--data`` class
+    path that is not a DataModule, and a precision qlight does not train in. Returns the class path of the
+    data class the arguments name (CIFAR-100's when none), to be the parser's default: jsonargparse carries
+    the default class's arguments (``val_size``) over to a class named later."""
+    arguments = _arguments(argv)
+    _check_precision(arguments)
     data = DEFAULT_DATA
-    for class_path in _data_class_paths(argv):
+    for class_path in _named(arguments, "data", "class_path"):
         if isinstance(class_path, str) and not class_path.lstrip().startswith("{"):
             cls = datamodule_class(class_path)
             data = f"{cls.__module__}.{cls.__qualname__}"
@@ -119,6 +161,7 @@ def _check_arguments(argv: list[str]) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point; user errors end as one ``error: ...`` line and exit code 2."""
+    end_with_launcher()
     argv = sys.argv[1:] if args is None else list(args)
     set_loader("yaml", _yaml_without_aliases, exceptions=(yaml.YAMLError,))
     try:

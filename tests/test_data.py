@@ -166,7 +166,8 @@ def test_ranks_draw_disjoint_shards_of_equal_size(world_size):
 
 def test_training_batches_are_gathered_from_the_data_on_the_trainers_device():
     dm = CIFAR100DataModule(batch_size=16, val_size=16, synthetic=True, synthetic_train_size=116)
-    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    device = SimpleNamespace(root_device=torch.device("cpu"))
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, strategy=device, state=SimpleNamespace(fn="fit"))
     dm.setup("fit")
     loader = dm.train_dataloader()
     batches = list(loader)

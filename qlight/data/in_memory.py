@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2
@@ -117,17 +118,28 @@ class InMemoryImageDataModule(LightningDataModule):
     def _in_order(self, dataset: TensorDataset | None, what: str) -> DeviceBatches:
         return DeviceBatches(*self._on(dataset, what), self.batch_size)
 
+    def _check_batch_size(self, world_size: int) -> None:
+        assert self.train_set is not None, "call setup('fit') first"
+        per_device = len(self.train_set) // world_size
+        if self.batch_size > per_device:
+            raise QlightError(
+                f"data.batch_size={self.batch_size} is more than the {per_device} training images per device: "
+                f"training batches are whole (the last incomplete one is dropped), so none would train: set "
+                f"data.batch_size {per_device} or less"
+            )
+
     def train_dataloader(self) -> EpochBatches | DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING:  # PTQ's calibration says its own
+            self._check_batch_size(world)
         if self.augment_on_device:
             images, labels = self._on(self.train_set, "training")
-            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             shard = EpochShard(len(labels), self.seed, images.device, rank, world)
             self._train_batches = EpochBatches(images, labels, self.batch_size, shard)
             if self._train_position is not None:
                 self._train_batches.load_state_dict(self._train_position)
                 self._train_position = None
             return self._train_batches
-        assert self.train_set is not None, "call setup('fit') first"
         return DataLoader(
             _CropFlip(*self.train_set.tensors, self.crop_padding),
             batch_size=self.batch_size,

@@ -9,7 +9,7 @@ from typing import Any
 import torchvision
 from torch import nn
 
-from qlight.class_path import import_object
+from qlight.class_path import import_object, one_line
 from qlight.errors import QlightError
 from qlight.models.mobilenet import mobilenet_v2
 from qlight.models.resnet import ResNet, resnet18, resnet20, resnet56
@@ -79,8 +79,10 @@ def _from_class_path(class_path: str, init_args: dict[str, Any], num_classes: in
         init_args["num_classes"] = num_classes
     try:
         model = builder(**init_args)
-    except TypeError as err:
-        raise QlightError(f"cannot build backbone {class_path} with init_args {init_args}: {err}") from None
+    except QlightError:
+        raise
+    except Exception as err:  # the user's constructor: its error, in one line
+        raise QlightError(f"cannot build backbone {class_path} with init_args {init_args}: {one_line(err)}") from None
     if not isinstance(model, nn.Module):
         raise QlightError(f"backbone {class_path} returned a {type(model).__name__}, not an nn.Module")
     return model
