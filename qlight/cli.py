@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -144,18 +145,48 @@ def _check_precision(arguments: list[tuple[str, Any]]) -> None:
         raise QlightError(f"trainer.precision {named[-1]} is not supported: give one of {', '.join(PRECISIONS)}")
 
 
+def _data_settings(arguments: list[tuple[str, Any]]) -> list[str]:
+    """The data settings the flags and configs name besides the class path (``--data.val_size``, a
+    config's ``data: {val_size: ...}`` or its ``init_args``), in order, each once."""
+    keys: list[str] = []
+    for flag, value in arguments:
+        if flag.startswith("--data.") and flag != "--data.class_path":
+            keys.append(flag.removeprefix("--data.").removeprefix("init_args.").split(".")[0])
+        elif flag == "--config" and isinstance(value, dict) and isinstance(value.get("data"), dict):
+            spec = value["data"]
+            settings = spec.get("init_args") if "class_path" in spec else spec
+            keys.extend(settings if isinstance(settings, dict) else ())
+    return list(dict.fromkeys(keys))
+
+
+def _check_data_settings(arguments: list[tuple[str, Any]], cls: type[LightningDataModule]) -> None:
+    """Settings of another DataModule (configs/smoke.yaml's CIFAR sizes before ``--data ImageFolderDataModule``)
+    are one line here; jsonargparse answers them with its usage (70 lines)."""
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    foreign = [key for key in _data_settings(arguments) if key not in parameters]
+    if foreign:
+        raise QlightError(
+            f"{cls.__name__} takes no {', '.join(foreign)}: leave out the config or flags that set them "
+            f"(configs/smoke.yaml sets CIFAR's), or give {cls.__name__}'s own settings"
+        )
+
+
 def _check_arguments(argv: list[str]) -> str:
     """What jsonargparse reports in a screenful, in one line: an empty ``--config`` file, a ``--data`` class
-    path that is not a DataModule, and a precision qlight does not train in. Returns the class path of the
-    data class the arguments name (CIFAR-100's when none), to be the parser's default: jsonargparse carries
-    the default class's arguments (``val_size``) over to a class named later."""
+    path that is not a DataModule or settings it does not take, and a precision qlight does not train in.
+    Returns the class path of the data class the arguments name (CIFAR-100's when none), to be the parser's
+    default: jsonargparse carries the default class's arguments (``val_size``) over to a class named later."""
     arguments = _arguments(argv)
     _check_precision(arguments)
-    data = DEFAULT_DATA
+    data, cls = DEFAULT_DATA, None
     for class_path in _named(arguments, "data", "class_path"):
         if isinstance(class_path, str) and not class_path.lstrip().startswith("{"):
             cls = datamodule_class(class_path)
             data = f"{cls.__module__}.{cls.__qualname__}"
+    if cls is not None:
+        _check_data_settings(arguments, cls)
     return data
 
 

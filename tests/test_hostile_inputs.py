@@ -192,6 +192,15 @@ def test_trainer_and_model_settings_lightning_refuses_are_one_line(tmp_path, cap
     assert message in _one_error_line(capsys)
 
 
+def test_settings_of_another_datamodule_are_one_line(tmp_path, capsys):
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    args = ["fit", "--config", str(smoke), "--data", "ImageFolderDataModule", f"--data.root={tmp_path}"]
+    assert _exit_code(args) == 2
+    line = _one_error_line(capsys)
+    assert "ImageFolderDataModule takes no synthetic, synthetic_train_size, synthetic_test_size:" in line
+    assert "val_size" not in line and "batch_size" not in line  # settings both classes take are not named
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the point is a machine without a GPU")
 @pytest.mark.parametrize(
     "accelerator", [["--trainer.accelerator=gpu"], ["--trainer.accelerator=cuda", "--trainer.devices=4"]]
