@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -100,3 +102,16 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self.mean = tuple(pixels.mean(1).tolist())
         self.std = tuple(pixels.std(1).clamp_min(1e-3).tolist())
         return train, read_image_folder(self.root / "val", self.classes, self.image_size)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the folders hold, from a stat of each file (no image is read): the study redoes its stages
+        when an image is added, removed or rewritten under the same ``root``."""
+        digest = hashlib.sha256()
+        count = 0
+        for split in ("train", "val"):
+            for path in sorted((self.root / split).rglob("*")):
+                if path.is_file():
+                    stat = path.stat()
+                    digest.update(f"{path.relative_to(self.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                    count += 1
+        return {"files": count, "stat_sha256": digest.hexdigest()}
