@@ -138,7 +138,7 @@ def _named(arguments: list[tuple[str, Any]], section: str, key: str) -> list[Any
 def _check_precision(arguments: list[tuple[str, Any]]) -> None:
     """The last ``trainer.precision`` named must be one ImageClassifier trains in: jsonargparse answers an
     unknown one with its usage (70 lines), and ``64-true`` fails at the first batch with a traceback."""
-    from qlight.study.runner import PRECISIONS
+    from qlight.study.results import PRECISIONS
 
     named = [value for value in _named(arguments, "trainer", "precision") if value is not None]
     if named and str(named[-1]) not in (*PRECISIONS, *PRECISION_ALIASES):

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import socket
+import stat
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from qlight.errors import QlightError
 
 SAFE_GLOBALS_ENV = "QLIGHT_SAFE_GLOBALS"
+LOCK = ".qlight.lock"  # held by exclusive_dir in the folder it guards
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -88,11 +90,30 @@ def _create_lock(lock: Path, owner: str) -> bool:
     return True
 
 
-def _holder_is_gone(lock: Path) -> bool:
+def _lock_holder(lock: Path) -> str | None:
+    """The ``host pid owner`` line of ``lock`` (its first 200 bytes), ``None`` once it is released. It is
+    never read through a symlink, nor when it is not a regular file: that is not a lock qlight wrote."""
     try:
-        host, pid, *_ = lock.read_text().split() + ["", ""]
-    except FileNotFoundError:  # released meanwhile
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        fd = None
+    try:
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            kind = "a symlink" if lock.is_symlink() else "a folder" if lock.is_dir() else "not a regular file"
+            raise QlightError(f"{lock} is {kind}, not a lock that qlight wrote: delete it if no run is writing there")
+        return " ".join(os.read(fd, 200).decode(errors="replace").split())
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _holder_is_gone(lock: Path) -> bool:
+    holder = _lock_holder(lock)
+    if holder is None:  # released meanwhile
         return True
+    host, pid, *_ = holder.split() + ["", ""]
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
@@ -106,7 +127,7 @@ def _holder_is_gone(lock: Path) -> bool:
 
 @contextlib.contextmanager
 def exclusive_dir(directory: str | Path, owner: str) -> Iterator[Path]:
-    """Hold ``directory/.qlight.lock`` while writing into ``directory``, so that a second run gets a
+    """Hold ``directory/.qlight.lock`` (``LOCK``) while writing into ``directory``, so that a second run gets a
     one-line error instead of interleaving its files with this one's. A lock whose process is gone
     (killed) is taken over."""
     directory = Path(directory)
@@ -114,13 +135,13 @@ def exclusive_dir(directory: str | Path, owner: str) -> Iterator[Path]:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise QlightError(f"cannot create {directory}: {err.strerror or err}") from None
-    lock = directory / ".qlight.lock"
+    lock = directory / LOCK
     if not _create_lock(lock, owner):
         if _holder_is_gone(lock):
             lock.unlink(missing_ok=True)
         if not _create_lock(lock, owner):
             raise QlightError(
-                f"{directory} is being written by another run ({lock.read_text().strip()}): choose another "
+                f"{directory} is being written by another run ({_lock_holder(lock)}): choose another "
                 f"output directory, or delete {lock} if that run is gone"
             )
     try:

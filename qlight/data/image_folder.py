@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -175,3 +177,16 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         train = read_image_folder(self.root / "train", self.classes, self.image_size, every_class=True)
         self.mean, self.std = channel_stats(train[0])
         return train, read_image_folder(self.root / "val", self.classes, self.image_size)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the folders hold, from a stat of each file (no image is read): the study redoes its stages
+        when an image is added, removed or rewritten under the same ``root``."""
+        digest = hashlib.sha256()
+        count = 0
+        for split in ("train", "val"):
+            for path in sorted((self.root / split).rglob("*")):
+                if path.is_file():
+                    stat = path.stat()
+                    digest.update(f"{path.relative_to(self.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                    count += 1
+        return {"files": count, "stat_sha256": digest.hexdigest()}

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 from torch.utils.tensorboard import SummaryWriter
 
+from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes, atomic_write_text
 from qlight.models import backbone_name
 from qlight.study.figures import CAPTIONS, figures
@@ -292,18 +294,28 @@ def _tensorboard(root: Path, results: dict[str, Any], drawn: dict[str, plt.Figur
     writer.close()
 
 
-def build_report(study_dir: str | Path) -> Path:
+def build_report(
+    study_dir: str | Path, stages: Collection[str] | None = None, claim: Callable[[str], None] | None = None
+) -> Path:
     """Write results.json, report.md and the PNGs into ``study_dir``, and the figures, scalars and
-    hparams into ``<study_dir>/tensorboard``; returns report.md's path."""
+    hparams into ``<study_dir>/tensorboard``; returns report.md's path. ``stages`` names the stage
+    folders to read (default: every folder); ``claim`` is called with each top-level name before it
+    is written (the study records it as its own)."""
     root = Path(study_dir)
-    results = collect(root)
+    if (root / "tensorboard").is_symlink():  # its old event files are deleted: only in a folder of its own
+        raise QlightError(f"{root / 'tensorboard'} is a symlink: the report writes only inside {root}; remove it")
+    claim = claim or (lambda name: None)
+    results = collect(root, stages)
     drawn = figures(results)
     for name, fig in drawn.items():
         fig.tight_layout()
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=110)
+        claim(f"{name}.png")
         atomic_write_bytes(root / f"{name}.png", png.getvalue())
     report = _markdown(results, list(drawn))
+    for name in ("report.md", "results.json", "tensorboard"):
+        claim(name)
     atomic_write_text(root / "report.md", report)
     atomic_write_text(root / "results.json", json.dumps(results, indent=2))
     _tensorboard(root, results, drawn, report)

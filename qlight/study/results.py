@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from qlight.errors import QlightError
+from qlight.quantization.recipes.mixed import MIXED_NAME
 from qlight.study.curves import (
     epochs_to_match,
     fewest_bits_within,
@@ -18,6 +21,8 @@ from qlight.tables import read_csv
 GAP = 0.01  # "the bit-width where the gap to fp32 first exceeds 1 point"
 WHOLE_MODEL = (None, "cast", "pt2e")  # methods of rows that are not weight-only integer recipes
 CURVE_MODEL = "acc(b) = plateau - drop * 4^(-b)  (quantization noise variance ~ 2^(-2b)), least squares"
+PRECISIONS = ("16-mixed", "bf16-mixed", "32-true", "16-true", "bf16-true")  # of the precision_<P> stages
+QAT_INT = re.compile(r"qat_int(\d+)")
 
 
 def _number(value: str) -> float | int | str | None:
@@ -66,9 +71,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def _plans(root: Path) -> dict[str, dict[str, int]]:
-    """The bits per layer of each mixed-precision PTQ recipe, from its ``.plan.json``."""
-    return {path.name.removesuffix(".plan.json"): _json(path) for path in sorted((root / "ptq").glob("*.plan.json"))}
+def _plans(root: Path, ptq: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """The bits per layer of each mixed-precision recipe in PTQ's table, from its ``.plan.json`` (other
+    ``.plan.json`` files in ``ptq/`` are not the study's)."""
+    plans = {row["recipe"]: root / "ptq" / f"{row['recipe']}.plan.json" for row in ptq if is_mixed(row)}
+    return {name: _json(path) for name, path in plans.items() if path.is_file()}
 
 
 def _bit_curve(points: list[tuple[int, float]], fp32: float) -> dict[str, Any] | None:
@@ -133,15 +140,22 @@ def _best_ptq_at(ptq: list[dict[str, Any]], bits: int) -> dict[str, dict[str, An
     }
 
 
-def _qat_folders(root: Path) -> list[tuple[str, Path]]:
+def _stage_folders(root: Path, stages: Collection[str] | None) -> set[str]:
+    """The names of the stage folders to read: ``stages`` where given, else every folder in ``root``."""
+    if stages is not None:
+        return set(stages)
+    return {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+
+
+def _qat_folders(root: Path, names: set[str]) -> list[tuple[str, Path]]:
     """(key, folder): weight-only QAT by bits, high to low, then from mixed-precision plans (keyed by
-    the PTQ recipe that made the plan), then W8A8."""
-    weight_only = sorted(root.glob("qat_int*"), key=lambda p: -int(p.name.removeprefix("qat_int") or 0))
-    mixed = sorted(root.glob("qat_mixed@*"))
+    the PTQ recipe that made the plan), then W8A8. Only names a stage has (``qat_int4.bak`` is not one)."""
+    bits = sorted((int(m[1]) for m in map(QAT_INT.fullmatch, names) if m), reverse=True)
+    mixed = sorted(n.removeprefix("qat_") for n in names if n.startswith("qat_") and MIXED_NAME.fullmatch(n[4:]))
     return [
-        *((p.name.removeprefix("qat_int"), p) for p in weight_only),
-        *((p.name.removeprefix("qat_"), p) for p in mixed),
-        ("w8a8", root / "qat_w8a8"),
+        *((str(b), root / f"qat_int{b}") for b in bits),
+        *((recipe, root / f"qat_{recipe}") for recipe in mixed),
+        *([("w8a8", root / "qat_w8a8")] if "qat_w8a8" in names else []),
     ]
 
 
@@ -157,11 +171,11 @@ def _ptq_compared(ptq: list[dict[str, Any]], key: str) -> dict[str, dict[str, An
     return {"rtn": static, "best": None}
 
 
-def _qat_results(root: Path, ptq: list[dict[str, Any]], fp32: float | None) -> dict[str, Any]:
+def _qat_results(root: Path, names: set[str], ptq: list[dict[str, Any]], fp32: float | None) -> dict[str, Any]:
     """Per QAT stage (keyed by weight bits, or ``w8a8``): its per-epoch and converted accuracy against
     the PTQ rows of the same quantized model and fp32."""
     qat: dict[str, Any] = {}
-    for key, folder in _qat_folders(root):
+    for key, folder in _qat_folders(root, names):
         rows = _numeric_csv(folder / "results.csv")
         if not rows:
             continue
@@ -179,28 +193,30 @@ def _qat_results(root: Path, ptq: list[dict[str, Any]], fp32: float | None) -> d
     return qat
 
 
-def collect(root: Path) -> dict[str, Any]:
-    """Every number of the study in ``root``, read back from the files its stages wrote."""
-    ptq = _numeric_csv(root / "ptq" / "results.csv")
+def collect(root: Path, stages: Collection[str] | None = None) -> dict[str, Any]:
+    """Every number of the study in ``root``, read back from the files its stages wrote: in the stage
+    folders named ``stages`` (the study passes those of its configuration), or in every folder."""
+    names = _stage_folders(root, stages)
+    ptq = _numeric_csv(root / "ptq" / "results.csv") if "ptq" in names else []
     by_name = {r["recipe"]: r for r in ptq if r.get("acc1") is not None}
     fp32 = by_name.get("fp32", {}).get("acc1")
     series = weight_only_series(ptq)
     precision = {}
-    for folder in sorted(root.glob("precision_*")):
-        summary = _json(folder / "summary.json")
+    for name in sorted(f"precision_{p}" for p in PRECISIONS if f"precision_{p}" in names):
+        summary = _json(root / name / "summary.json")
         if summary is not None:
-            precision[folder.name.removeprefix("precision_")] = summary
+            precision[name.removeprefix("precision_")] = summary
     return {
         "config": _json(root / "study_config.json") or {},
         "errors": _json(root / "errors.json") or {},
-        "baseline": _json(root / "baseline" / "baseline.json"),
-        "float_control": _json(root / "qat_fp32" / "summary.json"),
+        "baseline": _json(root / "baseline" / "baseline.json") if "baseline" in names else None,
+        "float_control": _json(root / "qat_fp32" / "summary.json") if "qat_fp32" in names else None,
         "ptq": ptq,
         "fp32_acc1": fp32,
         "bit_curve_model": CURVE_MODEL,
         "bit_curves": {label: _bit_curve(points, fp32) for label, points in series.items()} if fp32 else {},
         "method_savings": method_savings(ptq, fp32) if fp32 else [],
-        "plans": _plans(root),
-        "qat": _qat_results(root, ptq, fp32),
+        "plans": _plans(root, ptq),
+        "qat": _qat_results(root, names, ptq, fp32),
         "precision": precision,
     }

@@ -13,10 +13,12 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +30,12 @@ from lightning.pytorch import LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from qlight.classifier import ImageClassifier
 from qlight.data.class_path import DEFAULT_DATA, datamodule_class, init_args, model_classes_from_data
 from qlight.errors import QlightError
-from qlight.files import atomic_write_text
+from qlight.files import atomic_write_text, exclusive_dir
 from qlight.models import BACKBONE_FORMS, backbone_name
 from qlight.quantization import (
     PostTrainingQuantization,
@@ -45,14 +48,14 @@ from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.study.figures import FIGURES
 from qlight.study.numerics import PrecisionStats
 from qlight.study.report import build_report
+from qlight.study.results import PRECISIONS
 
 RANKS_STAGES = "QLIGHT_STUDY_STAGES"  # the stages rank zero runs, for the ranks Lightning starts
 STAGES = ("baseline", "ptq", "qat", "precision", "report")
-PRECISIONS = ("16-mixed", "bf16-mixed", "32-true", "16-true", "bf16-true")
 # Trainer settings that change what is printed, not what is computed: they do not redo stages.
 COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
 STUDY_SETS_TRAINER_KEYS = {"max_epochs", "callbacks", "logger", "default_root_dir"}
-# Top-level files and folders a study writes (besides its stage folders), listed in its manifest.
+# Top-level files and folders a study may write (besides its stage folders); its manifest lists those it wrote.
 MANIFEST = "study_files.json"
 STUDY_FILES = {MANIFEST, "study_config.json", "errors.json", "report.md", "results.json", "tensorboard", "logs"} | {
     f"{name}.png" for name in FIGURES
@@ -128,7 +131,9 @@ def build_parser(data_class_path: str = DEFAULT_DATA) -> ArgumentParser:
         default=True,
         help="also train the deployable int8 graph (qat_w8a8: static int8 activations, BatchNorm folded)",
     )
-    parser.add_argument("--precision.precisions", type=list[Literal[PRECISIONS]], default=["16-mixed", "bf16-mixed"])
+    parser.add_argument(
+        "--precision.precisions", type=list[str], default=["16-mixed", "bf16-mixed"], help=", ".join(PRECISIONS)
+    )
     parser.add_argument("--precision.epochs", type=int, default=30)
     parser.add_argument("--precision.sample_every_n_steps", type=int, default=50)
     return parser
@@ -176,9 +181,12 @@ def _sha256(path: str | Path | None) -> str | None:
     return digest.hexdigest()
 
 
-def _files(folder: Path) -> set[str]:
-    """Paths of the files under ``folder``, relative to it."""
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()} if folder.is_dir() else set()
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, modification time) of each file under ``folder``, by its path relative to it."""
+    if not folder.is_dir():
+        return {}
+    stats = {str(p.relative_to(folder)): p.lstat() for p in folder.rglob("*") if not p.is_dir()}
+    return {name: (st.st_ino, st.st_size, st.st_mtime_ns) for name, st in stats.items()}
 
 
 def _inside(folder: Path, names: list[Any]) -> set[Path]:
@@ -214,13 +222,22 @@ class Study:
         self.config = config
         self.dir = Path(config.study_dir)
         self.errors: dict[str, str] = {}
+        self.claimed: set[str] = set()  # the top-level names this study has written (its manifest)
         model_classes_from_data(config)
 
     # --- settings ----------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
         trainer = {k: v for k, v in self.config.trainer.items() if k not in COSMETIC_TRAINER_KEYS}
         cfg = self.config
-        return _plain({"seed": cfg.seed, "model": cfg.model.as_dict(), "data": cfg.data.as_dict(), "trainer": trainer})
+        data = {**cfg.data.as_dict(), **self._data_contents}
+        return _plain({"seed": cfg.seed, "model": cfg.model.as_dict(), "data": data, "trainer": trainer})
+
+    @functools.cached_property
+    def _data_contents(self) -> dict[str, Any]:
+        """What a DataModule says its data holds (its optional ``fingerprint()``, such as the file list of
+        an image folder): other contents under the same settings redo every stage."""
+        fingerprint = getattr(self.data, "fingerprint", None)
+        return {"contents": fingerprint()} if callable(fingerprint) else {}
 
     def stages(self) -> list[Stage]:
         """Every stage of this configuration, in order (the report is not one: it is always rebuilt)."""
@@ -258,8 +275,18 @@ class Study:
     @functools.cached_property
     def _inputs(self) -> dict[str, Any]:
         """SHA-256 of the input files: the baseline checkpoint and the PTQ plan files."""
-        plans = [r for r in self._ptq().recipes if isinstance(r, MixedPrecision) and r.plan_file is not None]
+        plans = self._plan_inputs()
         return {"ckpt": _sha256(self.config.baseline.ckpt), "plans": {r.name: _sha256(r.plan_file) for r in plans}}
+
+    def _plan_inputs(self) -> list[MixedPrecision]:
+        return [r for r in self._ptq().recipes if isinstance(r, MixedPrecision) and r.plan_file is not None]
+
+    def _input_files(self) -> dict[Path, str]:
+        """The files the study reads (resolved), each with the setting that names it."""
+        files = {Path(r.plan_file).resolve(): f"--ptq.recipes ({r.name})" for r in self._plan_inputs()}
+        if self.config.baseline.ckpt:
+            files[Path(self.config.baseline.ckpt).resolve()] = "--baseline.ckpt"
+        return files
 
     def selected(self, stage: Stage) -> bool:
         return stage.group in self.config.stages
@@ -280,6 +307,10 @@ class Study:
         reserved = set(cfg.trainer) & STUDY_SETS_TRAINER_KEYS
         if reserved:
             raise QlightError(f"the study sets trainer {sorted(reserved)} itself: set the stages' epochs instead")
+        unknown = [p for p in cfg.precision.precisions if p not in PRECISIONS]
+        if unknown:
+            raise QlightError(f"--precision.precisions: {unknown[0]!r} is not one of {', '.join(PRECISIONS)}")
+        self._check_trainer()
         for key in ("baseline.epochs", "qat.epochs", "precision.epochs", "precision.sample_every_n_steps"):
             if cfg[key] < 1:
                 raise QlightError(f"{key} must be at least 1, got {cfg[key]}")
@@ -289,6 +320,23 @@ class Study:
             QuantizationAwareTraining(weight_bits=bits, **self._keep())
         self._validate_plans(self._ptq(), self._model(lr=cfg.qat.lr))
         self.data  # noqa: B018 (built here, so that bad data settings fail before any stage)
+
+    def _check_trainer(self) -> None:
+        """Lightning's own checks of the Trainer settings (precision, accelerator, devices), in every
+        precision a stage trains in: one line before anything is written, not a traceback per stage."""
+        quiet = logging.getLogger("lightning.pytorch")
+        level = quiet.level
+        for precision in {self.config.trainer.get("precision"), "32-true", *self.precisions()}:
+            settings = {**self.config.trainer, "precision": precision}
+            try:
+                quiet.setLevel(logging.ERROR)  # not Lightning's device lines for a Trainer that never runs
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    Trainer(**settings, logger=False, enable_checkpointing=False)
+            except (MisconfigurationException, ValueError, TypeError) as err:
+                raise QlightError(f"--trainer (precision {precision}): {str(err).splitlines()[0]}") from None
+            finally:
+                quiet.setLevel(level)
 
     def _validate_plans(self, ptq: PostTrainingQuantization, model: ImageClassifier) -> None:
         """PTQ's plan files fit the model, and QAT's plans come from mixed PTQ recipes."""
@@ -306,17 +354,18 @@ class Study:
 
     # --- the directory -----------------------------------------------------------------------
     def _claim_directory(self, stages: list[Stage]) -> None:
-        """Create ``study_dir``; refuse top-level files the study did not write; find stages made with
-        other settings and, with ``overwrite``, remove the files they recorded (nothing else)."""
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise QlightError(f"cannot create {self.dir}: {err.strerror or err}") from None
-        claimed = self._claimed()
-        for name in sorted(STUDY_FILES - claimed):
-            if (self.dir / name).exists() or (self.dir / name).is_symlink():
+        """Refuse top-level files the study did not write and links; find stages made with other
+        settings and, with ``overwrite``, remove the files they recorded (nothing else)."""
+        self.claimed = self._claimed()
+        for name in sorted(STUDY_FILES):
+            path = self.dir / name
+            if path.is_symlink():
                 raise QlightError(
-                    f"{self.dir / name} was not written by this study and would be replaced: move it away "
+                    f"{path} is a symlink: the study writes and deletes only inside {self.dir}; remove the link"
+                )
+            if path.exists() and name not in self.claimed:
+                raise QlightError(
+                    f"{path} was not written by this study and would be replaced: move it away "
                     "(--overwrite never touches files the study did not write) or choose another study_dir"
                 )
         changed = []
@@ -325,54 +374,85 @@ class Study:
             if folder.exists() or folder.is_symlink():
                 marker = _read_marker(folder / "stage.json")
                 if marker is None or marker.get("fingerprint") != stage.fingerprint:
-                    changed.append(stage.name)
+                    changed.append(stage)
         if changed and not self.config.overwrite:
             raise QlightError(
-                f"{self.dir} holds stages made with other settings ({', '.join(changed)}): pass --overwrite true "
-                "to redo just those, or choose another study_dir"
+                f"{self.dir} holds stages made with other settings ({', '.join(s.name for s in changed)}): pass "
+                "--overwrite true to redo just those, or choose another study_dir"
             )
         if changed:
             self._remove_stages(changed)
-        atomic_write_text(self.dir / MANIFEST, json.dumps(sorted(STUDY_FILES), indent=2))
-        atomic_write_text(self.dir / "study_config.json", json.dumps(_plain(self.config.as_dict()), indent=2))
-        atomic_write_text(self.dir / "errors.json", "{}")  # this run's failures only
+        self._write("study_config.json", json.dumps(_plain(self.config.as_dict()), indent=2))
+        self._write("errors.json", "{}")  # this run's failures only
 
     def _claimed(self) -> set[str]:
-        """The top-level names this study has written: its manifest, or, for a study made before
-        manifests, every study file beside a ``study_config.json`` that a study wrote."""
+        """The top-level names this study has written and that are there: its manifest, or, for a study
+        made before manifests, every study file beside a ``study_config.json`` that a study wrote."""
         try:
             names = json.loads((self.dir / MANIFEST).read_text())
-            return set(names) & STUDY_FILES if isinstance(names, list) else set()
+            names = set(names) & STUDY_FILES if isinstance(names, list) else set()
         except (OSError, ValueError):
             config = _read_marker(self.dir / "study_config.json")
-            return set(STUDY_FILES) if config is not None and "study_dir" in config else set()
+            names = set(STUDY_FILES) if config is not None and "study_dir" in config else set()
+        return {name for name in names if (self.dir / name).exists() or (self.dir / name).is_symlink()}
 
-    def _remove_stages(self, names: list[str]) -> None:
+    def _claim(self, name: str) -> None:
+        """Record the top-level ``name`` in the manifest before the study first writes it."""
+        if name not in self.claimed:
+            self.claimed |= {name, MANIFEST}
+            atomic_write_text(self.dir / MANIFEST, json.dumps(sorted(self.claimed), indent=2))
+
+    def _write(self, name: str, text: str) -> None:
+        """Write the top-level file ``name`` (or ``logs/<file>``), the study's own from then on."""
+        self._claim(Path(name).parts[0])
+        atomic_write_text(self.dir / name, text)
+
+    def _remove_stages(self, stages: list[Stage]) -> None:
         root = self.dir.resolve()
         unsafe = _unsafe_to_clear(root)
         if unsafe:
             raise QlightError(f"refusing to overwrite in {self.dir}: it is {unsafe}; choose a study_dir of its own")
-        recorded = {}
-        for name in names:
-            folder = self.dir / name
-            marker = None if folder.is_symlink() else _read_marker(folder / "stage.json")
-            if marker is None or not isinstance(marker.get("files"), list):
-                why = "its stage.json lists no files (a stopped stage)" if marker else "it has no stage.json"
-                raise QlightError(
-                    f"refusing to remove {folder}: {why}, so the study has no record of what it wrote there; move "
-                    "it away or choose another study_dir"
-                )
-            recorded[name] = _inside(root / name, marker["files"])
-        ckpt = Path(self.config.baseline.ckpt).resolve() if self.config.baseline.ckpt else None
+        recorded = {stage.name: self._recorded(stage.name) for stage in stages}
+        inputs = self._input_files()
         for name, files in recorded.items():
-            if ckpt is not None and ckpt in files:
-                raise QlightError(f"refusing to overwrite {self.dir / name}: it holds baseline.ckpt {ckpt}")
+            held = [path for path in inputs if path in {f.resolve() for f in files}]
+            if held:
+                raise QlightError(
+                    f"refusing to overwrite {self.dir / name}: it holds {held[0]}, which {inputs[held[0]]} reads; "
+                    "copy it out of the folder and name the copy"
+                )
+        idle = [stage for stage in stages if not self.selected(stage)]
+        if idle:
+            groups = sorted({stage.group for stage in idle})
+            raise QlightError(
+                f"refusing to remove {', '.join(str(self.dir / s.name) for s in idle)}: made with other settings, "
+                f"but --stages does not run {', '.join(groups)}, so nothing would replace it; add "
+                f"{', '.join(groups)} to --stages"
+            )
         for name, files in recorded.items():
             print(f"[study] {name}: made with other settings, removing its files from {self.dir / name}", flush=True)
             try:
                 _remove_files(root / name, files)
             except OSError as err:
                 raise QlightError(f"cannot remove {self.dir / name}: {err.strerror or err}") from None
+
+    def _recorded(self, name: str) -> set[Path]:
+        """The files the stage ``name`` recorded as its own, or one line on why it cannot be removed."""
+        folder = self.dir / name
+        marker = None if folder.is_symlink() else _read_marker(folder / "stage.json")
+        if marker is None or not isinstance(marker.get("files"), list):
+            why = (
+                "it is a symlink, not a folder of this study"
+                if folder.is_symlink()
+                else "its stage.json lists no files (a stopped stage)"
+                if marker
+                else "it has no stage.json"
+            )
+            raise QlightError(
+                f"refusing to remove {folder}: {why}, so the study has no record of what it wrote there; move "
+                "it away or choose another study_dir"
+            )
+        return _inside(self.dir.resolve() / name, marker["files"])
 
     # --- running -----------------------------------------------------------------------------
     def _to_run(self, stage: Stage) -> bool:
@@ -393,11 +473,14 @@ class Study:
         marker = _read_marker(marker_path)
         resuming = (folder / "checkpoints" / "last.ckpt").is_file()
         print(f"[study] {stage.name}: {'resuming' if resuming else 'running'}", flush=True)
-        # What was in the folder before the stage first ran is not the stage's (a resumed stage keeps
-        # the list of its first start): the files it writes are the rest, recorded when it ends.
+        # The stage's files: those it created or rewrote in this start, those an earlier start of the
+        # same settings recorded as its own, and the checkpoint it resumes from; never a file that was
+        # there when this start began and that it left alone (the user's).
         same = marker is not None and marker.get("fingerprint") == stage.fingerprint
-        before = marker["before"] if same and isinstance(marker.get("before"), list) else sorted(_files(folder))
-        state = {"fingerprint": stage.fingerprint, "before": before}
+        earlier = (marker.get("files") or marker.get("owned") or []) if same else []
+        owned = {str(name) for name in earlier} | ({"checkpoints/last.ckpt"} if resuming else set())
+        before = _snapshot(folder)
+        state = {"fingerprint": stage.fingerprint, "owned": sorted(owned)}
         atomic_write_text(marker_path, json.dumps({**state, "done": False}, indent=2))
         start = time.perf_counter()
         seconds = None
@@ -408,14 +491,16 @@ class Study:
         else:
             seconds = time.perf_counter() - start
             print(f"[study] {stage.name}: done in {seconds:.0f}s", flush=True)
-        written = sorted(_files(folder) - set(before))
-        atomic_write_text(marker_path, json.dumps({**state, "files": written, "done": seconds is not None}, indent=2))
-        atomic_write_text(self.dir / "errors.json", json.dumps(self.errors, indent=2))
+        after = _snapshot(folder)
+        files = sorted(name for name, stat in after.items() if name in owned or before.get(name) != stat)
+        record = {"fingerprint": stage.fingerprint, "files": files, "done": seconds is not None}
+        atomic_write_text(marker_path, json.dumps(record, indent=2))
+        self._write("errors.json", json.dumps(self.errors, indent=2))
         return seconds
 
     def _record_failure(self, name: str, err: Exception, start: float) -> None:
         self.errors[name] = f"{type(err).__name__}: {err}".splitlines()[0]
-        atomic_write_text(self.dir / "logs" / f"{name}.traceback.txt", traceback.format_exc())
+        self._write(f"logs/{name}.traceback.txt", traceback.format_exc())
         print(f"[study] {name}: FAILED after {time.perf_counter() - start:.0f}s: {self.errors[name]}", flush=True)
 
     def run(self) -> int:
@@ -428,6 +513,10 @@ class Study:
         stages = self.stages()
         if rank_zero_only.rank:
             return self._follow_rank_zero(stages)
+        with exclusive_dir(self.dir, "qlight study"):  # a second study on this folder is refused up front
+            return self._run_stages(stages)
+
+    def _run_stages(self, stages: list[Stage]) -> int:
         self._claim_directory(stages)
         running = [stage for stage in stages if self.selected(stage) and self._to_run(stage)]
         os.environ[RANKS_STAGES] = json.dumps([stage.name for stage in running])
@@ -463,16 +552,29 @@ class Study:
             ran = self.selected(stage) or (self.dir / stage.name / "stage.json").is_file()
             if ran and stage.name not in self.errors and not result.is_file():
                 self.errors[stage.name] = f"no results: {result} is missing; run it (--stages [{stage.group}, report])"
-        atomic_write_text(self.dir / "errors.json", json.dumps(self.errors, indent=2))
+        self._write("errors.json", json.dumps(self.errors, indent=2))
         print("[study] report: running", flush=True)
         start = time.perf_counter()
         try:
-            build_report(self.dir)
+            build_report(self.dir, self._reported(stages), self._claim)
         except Exception as err:
             self._record_failure("report", err, start)
-            atomic_write_text(self.dir / "errors.json", json.dumps(self.errors, indent=2))
+            self._write("errors.json", json.dumps(self.errors, indent=2))
         else:
             print(f"[study] report: done in {time.perf_counter() - start:.0f}s", flush=True)
+
+    def _reported(self, stages: list[Stage]) -> set[str]:
+        """The stage folders the report reads: this configuration's, and those that another one left,
+        done, on the same baseline (and PTQ, data, model and seed); not those built on an older baseline."""
+        names = {stage.name for stage in stages}
+        shared = {"baseline": stages[0].fingerprint, "ptq": stages[1].fingerprint["ptq"], **self._common()}
+        for folder in self.dir.iterdir():
+            marker = None if folder.is_symlink() or folder.name in names else _read_marker(folder / "stage.json")
+            fingerprint = (marker or {}).get("fingerprint")
+            if marker and marker.get("done") and isinstance(fingerprint, dict) and shared.keys() & fingerprint.keys():
+                if all(fingerprint[key] == shared[key] for key in shared.keys() & fingerprint.keys()):
+                    names.add(folder.name)
+        return names
 
     # --- building blocks ---------------------------------------------------------------------
     @functools.cached_property

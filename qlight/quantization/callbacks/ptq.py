@@ -21,7 +21,7 @@ from torchao.quantization import IntxUnpackedToInt8Tensor
 from typing_extensions import override
 
 from qlight.errors import QlightError, QlightWarning
-from qlight.files import atomic_write_bytes, atomic_write_text, exclusive_dir
+from qlight.files import LOCK, atomic_write_bytes, atomic_write_text, exclusive_dir
 from qlight.quantization.callbacks.sensitivity import write_sensitivity
 from qlight.quantization.grid.intx import Granularity
 from qlight.quantization.io.serialization import quantized_bytes
@@ -394,8 +394,11 @@ def _replace_manifest(out: Path, written: set[str]) -> None:
     except (OSError, ValueError):
         previous = []
     for name in set(previous if isinstance(previous, list) else []) - written:
-        if isinstance(name, str) and Path(name).name == name and name not in ("", ".", ".."):
-            (out / name).unlink(missing_ok=True)
+        # Only plain names of files (or links) beside it; never the lock this run holds, never a folder.
+        if isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..", LOCK):
+            path = out / name
+            if path.is_symlink() or path.is_file():
+                path.unlink()
     atomic_write_text(out / MANIFEST, json.dumps(sorted(written), indent=1))
 
 

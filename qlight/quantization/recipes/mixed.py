@@ -31,7 +31,7 @@ from qlight.quantization.recipes.sensitivity import layer_sensitivity
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
 
 CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
-_MIXED = re.compile(r"mixed@(\d+(?:\.\d+)?(?:MiB)?|.+?\.json)((?:\+\w+)*)(?:@(\w+))?")
+MIXED_NAME = re.compile(r"mixed@(\d+(?:\.\d+)?(?:MiB)?|.+?\.json)((?:\+\w+)*)(?:@(\w+))?")
 ALIGNMENT = 64  # torch.save aligns every tensor record to 64 bytes: a plan's bytes can move by that much
 
 # The bytes of a saved model (quantized, recipe, targets, source), registered by the file format
@@ -211,7 +211,7 @@ def _budget(text: str) -> str:
     "mixed@<average bits>, mixed@<size>MiB or mixed@<plan>.json [+<method>][@<granularity>]: bits per layer"
 )
 def _mixed(name: str, granularity: Granularity, method: str) -> MixedPrecision | None:
-    match = _MIXED.fullmatch(name)
+    match = MIXED_NAME.fullmatch(name)
     if not (match and match.group(3) in (None, *GRANULARITIES)):
         return None
     methods = parse_method(match.group(2)[1:]) if match.group(2) else parse_method(method)
