@@ -9,10 +9,14 @@ from itertools import pairwise
 
 import pytest
 import torch
+from digits import PooledDigitsNet, digits_tensors
 from torch import nn
 
+from qlight.errors import QlightError
 from qlight.quantization.io.serialization import load_quantized, quantized_bytes
+from qlight.quantization.methods import Calibration
 from qlight.quantization.recipes.base import parse_recipe, quantizable_modules
+from qlight.quantization.recipes.plans import average_bits, realised_plan
 
 
 def plain_cnn() -> nn.Module:
@@ -72,3 +76,63 @@ def test_a_static_graph_file_is_within_1_2x_of_the_int8_file_and_reloads_the_sam
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), graph(x))
+
+
+@pytest.fixture(scope="module")
+def pooled_digits():
+    """The 4-conv digits CNN at width 4 (5 layers, 4k weights: a file of 14 KB, where 64 bytes show),
+    its layers and 32 calibration images, whose layer sensitivity every mixed recipe shares."""
+    torch.manual_seed(0)
+    net = PooledDigitsNet(width=4).eval()
+    return net, quantizable_modules(net), Calibration([digits_tensors()[0][:32]])
+
+
+def _saved(net, targets, calibration, name):
+    recipe = parse_recipe(name)
+    model = recipe.quantize(copy.deepcopy(net), targets, calibration)
+    return model, quantized_bytes(model, recipe, targets, net, calibration[0])
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_kernel_position"])
+def test_a_mixed_file_is_no_larger_than_uniform_ints_at_its_bits(pooled_digits, granularity):
+    # Before: the stored plan and the longer name were outside the budget, 64-192 bytes over at 2..8 bits.
+    net, targets, calibration = pooled_digits
+    for bits in range(3, 9):
+        _, uniform = _saved(net, targets, calibration, f"int{bits}@{granularity}")
+        mixed_model, mixed = _saved(net, targets, calibration, f"mixed@{bits}@{granularity}")
+        assert len(mixed) <= len(uniform), (bits, len(mixed), len(uniform))
+        assert average_bits(mixed_model) >= bits - 1  # the budget is not given away to stay small
+    with pytest.raises(QlightError, match="at 2 bits or below every layer gets 2 bits, which is int2 .*: use int2"):
+        parse_recipe(f"mixed@2@{granularity}").check_budget()
+
+
+def test_a_mixed_file_with_methods_is_no_larger_than_uniform_ints(pooled_digits):
+    net, targets, calibration = pooled_digits
+    methods = "+gptq+bn_reestimation+bias_correction"
+    _, uniform = _saved(net, targets, calibration, f"int3{methods}")
+    _, mixed = _saved(net, targets, calibration, f"mixed@3{methods}")
+    assert len(mixed) <= len(uniform), (len(mixed), len(uniform))
+
+
+def test_a_mixed_file_reloads_its_bits_per_layer_and_refuses_edited_bits(tmp_path, pooled_digits):
+    net, targets, calibration = pooled_digits
+    model, saved = _saved(net, targets, calibration, "mixed@3.5")
+    plan = realised_plan(model)
+    assert len(set(plan.values())) > 1, plan
+    path = tmp_path / "mixed@3.5.pt"
+    path.write_bytes(saved)
+    loaded = load_quantized(path)
+    assert realised_plan(loaded) == plan
+    x = calibration[0][:8]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    payload = torch.load(path, weights_only=True)
+    assert "plan" not in payload  # the plan is the weights' bits, not stored twice
+    for layer, bits in plan.items():  # more bits than the codes hold, or fewer: either is refused
+        for edited in {bits + 1 if bits < 8 else 7, bits - 1 if bits > 2 else 3}:
+            entry = payload["state_dict"][f"{layer}.weight"]
+            entry["bits"], kept = edited, entry["bits"]
+            torch.save(payload, tmp_path / "edited.pt")
+            entry["bits"] = kept
+            with pytest.raises(QlightError, match=f"{layer}.weight does not hold {edited}-bit codes for shape"):
+                load_quantized(tmp_path / "edited.pt")
