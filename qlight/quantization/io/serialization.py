@@ -16,6 +16,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -35,9 +36,10 @@ from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported
 from qlight.errors import QlightError
 from qlight.files import load_torch_file
 from qlight.quantization.grid.intx import code_range, dtype_bits, intx_from_codes, set_weight
+from qlight.quantization.grid.sizes import code_bytes
 from qlight.quantization.recipes.base import Recipe, parse_recipe, quantizable_modules
 from qlight.quantization.recipes.mixed import register_saved_bytes
-from qlight.quantization.recipes.plans import check_plan, realised_plan
+from qlight.quantization.recipes.plans import check_plan
 from qlight.quantization.recipes.static import export_batched
 from qlight.quantization.runtimes.inductor import InductorGraph
 from qlight.quantization.runtimes.ort import OnnxRuntimeModule, check_self_contained
@@ -49,6 +51,8 @@ _PLAIN_TENSOR_FILES = (pt2_constants.WEIGHT_FILENAME_PREFIX, pt2_constants.TENSO
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack signed ``bits``-bit integers (held one per int8) into a dense uint8 bit stream."""
     unsigned = (codes.flatten().to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+    if bits == 8:  # whole bytes already
+        return unsigned
     planes = (unsigned[:, None] >> torch.arange(bits, dtype=torch.uint8, device=codes.device)) & 1
     stream = torch.nn.functional.pad(planes.flatten(), (0, (-planes.numel()) % 8))
     weights = 2 ** torch.arange(8, dtype=torch.int16, device=codes.device)
@@ -57,6 +61,8 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 def unpack_bits(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
     """Inverse of :func:`pack_bits`: int8 codes of the given shape."""
+    if bits == 8:
+        return (packed.to(torch.int16) - 128).to(torch.int8).view(shape)
     count = int(torch.tensor(shape).prod()) if shape else 1
     stream = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     planes = stream.flatten()[: count * bits].view(count, bits).to(torch.int16)
@@ -69,9 +75,8 @@ def _pack_state(state: dict[str, Any]) -> dict[str, Any]:
     for key, value in state.items():
         if isinstance(value, IntxUnpackedToInt8Tensor):
             bits = dtype_bits(value.target_dtype)
-            codes = pack_bits(value.qdata, bits) if bits < 8 else value.qdata
             packed[key] = {
-                "codes": codes,
+                "codes": pack_bits(value.qdata, bits),
                 "shape": list(value.qdata.shape),
                 "bits": bits,
                 "scale": value.scale,
@@ -79,7 +84,22 @@ def _pack_state(state: dict[str, Any]) -> dict[str, Any]:
             }
         else:
             packed[key] = value
+    _share_codes([entry for entry in packed.values() if isinstance(entry, dict)])
     return packed
+
+
+def _share_codes(entries: Sequence[dict[str, Any]]) -> None:
+    """Make the entries' codes views of one storage, in place. torch.save starts each storage at a
+    multiple of 64 bytes: with one, a plan's file differs from another plan's by its codes' bytes and at
+    most one alignment (MixedPrecision's budget counts on it), and no layer pays its own padding."""
+    if not entries:
+        return
+    shared = torch.cat([entry["codes"] for entry in entries])
+    start = 0
+    for entry in entries:
+        count = entry["codes"].numel()
+        entry["codes"] = shared[start : start + count]
+        start += count
 
 
 def _model_spec(model: nn.Module) -> dict[str, Any]:
@@ -105,7 +125,7 @@ def quantized_bytes(
         program = export_batched(graph, example_input)
         program.example_inputs = None  # torch.export.save would store the whole example batch
         torch.export.save(program, buffer)
-        return buffer.getvalue()
+        return _deflate_json(buffer.getvalue())
     payload = {
         "format": FORMAT,
         "recipe": recipe.name,
@@ -113,10 +133,24 @@ def quantized_bytes(
         "targets": list(targets),
         "state_dict": _pack_state(model.state_dict()),
     }
-    if recipe.per_layer:
-        payload["plan"] = realised_plan(model)
-    torch.save(payload, buffer)
+    torch.save(payload, buffer)  # a per-layer plan is its packed weights' bits: not stored twice
     return buffer.getvalue()
+
+
+def _deflate_json(archive: bytes) -> bytes:
+    """The ``.pt2`` archive with its JSON members deflated, its tensors stored as they were.
+
+    ``torch.export.save`` stores every member uncompressed; the graph's JSON (``models/model.json``: node
+    metadata, tensor descriptions) is then most of a small network's file and deflates about 25-fold.
+    ``torch.export.load`` reads deflated members; the date of each member is kept, so equal graphs give
+    equal bytes."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            member = zipfile.ZipInfo(info.filename, info.date_time)
+            member.compress_type = zipfile.ZIP_DEFLATED if info.filename.endswith(".json") else zipfile.ZIP_STORED
+            target.writestr(member, source.read(info), compresslevel=9)
+    return out.getvalue()
 
 
 @register_saved_bytes
@@ -167,6 +201,16 @@ def _instantiate(spec: Any, trusted_modules: Sequence[str], path: Path, device: 
         raise QlightError(f"{path}: cannot rebuild {spec['class_path']} ({str(err).splitlines()[0][:200]})") from None
 
 
+def _unpacked_codes(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
+    """The codes of a packed weight, which must be exactly the bytes ``bits`` take for ``shape``: bits
+    edited to fewer would otherwise read the codes as other codes."""
+    if packed.numel() != code_bytes(math.prod(shape), bits):
+        raise ValueError("codes of another length")
+    if packed.dtype == torch.int8:  # 8-bit codes as they are, in files before their codes were packed too
+        return packed.reshape(shape)
+    return unpack_bits(packed, bits, shape)
+
+
 def _quantized_weight(
     entry: Any, key: str, model_weight: Tensor, expected_bits: int, source: str, path: Path
 ) -> Tensor:
@@ -184,7 +228,7 @@ def _quantized_weight(
     if shape != tuple(model_weight.shape):
         raise bad(f"has shape {shape}, the model's weight {tuple(model_weight.shape)}: another architecture?")
     try:
-        codes = entry["codes"] if bits == 8 else unpack_bits(entry["codes"], bits, shape)
+        codes = _unpacked_codes(entry["codes"], bits, shape)
     except (RuntimeError, TypeError, ValueError, AttributeError):
         raise bad(f"does not hold {bits}-bit codes for shape {shape}") from None
     qmin, qmax = code_range(bits)
@@ -202,6 +246,11 @@ def _quantized_weight(
         return intx_from_codes(codes, scale, bits, scale.dtype)
     except ValueError as err:
         raise bad(str(err)) from None
+
+
+def _stored_plan(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The bits of each packed weight of a saved state, by layer: a per-layer file's plan."""
+    return {key.rpartition(".")[0]: value.get("bits") for key, value in state.items() if isinstance(value, dict)}
 
 
 def _check_shapes(model: nn.Module, state: dict[str, Any], path: Path) -> None:
@@ -419,8 +468,8 @@ def load_quantized(
         model = _instantiate(payload.get("model"), trusted_modules, path)
     model = model.to(map_location)
     targets = quantizable_modules(model)
-    if recipe.per_layer:
-        plan = payload.get("plan")
+    if recipe.per_layer:  # older files hold the plan too, checked against the weights alike
+        plan = payload.get("plan", _stored_plan(payload["state_dict"]))
         if not isinstance(plan, dict):
             raise QlightError(f"{path} holds no per-layer plan: it is not a qlight quantized model file")
         check_plan(plan, model, targets, str(path))

@@ -10,6 +10,7 @@ rounding, grouping and correction works per layer as it does uniformly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -25,18 +26,24 @@ from qlight.quantization.grid.intx import GRANULARITIES, MAX_BITS, MIN_BITS, Gra
 from qlight.quantization.grid.sizes import weight_bytes
 from qlight.quantization.methods import remembered
 from qlight.quantization.recipes.allocation import Plan, allocate_bits
-from qlight.quantization.recipes.base import DEFAULT_GRANULARITY, check_granularity, parse_method, register_recipe
+from qlight.quantization.recipes.base import (
+    DEFAULT_GRANULARITY,
+    Recipe,
+    check_granularity,
+    parse_method,
+    register_recipe,
+)
 from qlight.quantization.recipes.plans import check_plan, read_plan
 from qlight.quantization.recipes.sensitivity import layer_sensitivity
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
 
 CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
 MIXED_NAME = re.compile(r"mixed@(\d+(?:\.\d+)?(?:MiB)?|.+?\.json)((?:\+\w+)*)(?:@(\w+))?")
-ALIGNMENT = 64  # torch.save aligns every tensor record to 64 bytes: a plan's bytes can move by that much
+ALIGNMENT = 64  # torch.save starts every tensor record at a multiple of 64 bytes
 
 # The bytes of a saved model (quantized, recipe, targets, source), registered by the file format
 # (``io/serialization``): recipes stand below the files that record them and cannot import them.
-SavedBytes = Callable[[nn.Module, "MixedPrecision", Sequence[str], nn.Module], int]
+SavedBytes = Callable[[nn.Module, Recipe, Sequence[str], nn.Module], int]
 _saved_bytes: list[SavedBytes] = []
 
 
@@ -54,8 +61,8 @@ class MixedPrecision:
     budget (an exact knapsack over the bytes each layer takes in qlight's files).
 
     Args:
-        budget: ``"3"`` (average bits per quantized weight: at most the bytes uniform int3 takes),
-            ``"1.5MiB"`` (the saved file's size) or a plan file ``"plan.json"`` (layer -> bits, used
+        budget: ``"3"`` (average bits per quantized weight: the saved file at most uniform int3's;
+            above 2), ``"1.5MiB"`` (the saved file's size) or a plan file ``"plan.json"`` (layer -> bits, used
             as it is; layers it leaves out stay float).
         base: the rounding, grouping and corrections every layer gets (its ``bits`` is not used).
     """
@@ -93,15 +100,15 @@ class MixedPrecision:
         return f"mixed@{budget}{methods}{suffix}"
 
     def check_budget(self) -> None:
-        """Fail on a plan file that is not a plan, or an average-bits budget outside 2..8, before any
-        model or data is seen."""
+        """Fail on a plan file that is not a plan, or an average-bits budget not strictly between 2 and 8
+        (there every layer gets the same bits: a uniform recipe), before any model or data is seen."""
         if self.plan_file is not None:
             read_plan(self.plan_file)
-        elif not self.budget.endswith("MiB") and float(self.budget) < MIN_BITS:
-            raise QlightError(f"{self.name}: a budget below {MIN_BITS} bits cannot be met; the smallest is mixed@2")
-        elif not self.budget.endswith("MiB") and float(self.budget) > MAX_BITS:
+        elif not self.budget.endswith("MiB") and not MIN_BITS < float(self.budget) < MAX_BITS:
+            edge, side = (MIN_BITS, "below") if float(self.budget) <= MIN_BITS else (MAX_BITS, "above")
             raise QlightError(
-                f"{self.name}: a budget above {MAX_BITS} bits is uniform int{MAX_BITS}; the largest is mixed@{MAX_BITS}"
+                f"{self.name}: at {edge} bits or {side} every layer gets {edge} bits, which is int{edge} in a file "
+                f"with a longer name: use int{edge}, or a budget between {MIN_BITS} and {MAX_BITS} bits"
             )
 
     def check(self, model: nn.Module, targets: Sequence[str]) -> None:
@@ -129,7 +136,7 @@ class MixedPrecision:
             for name in layers
         }
         budget = self.budget_bytes(model, targets, layers)
-        if sum(min(c.values()) for c in cost.values()) > budget:  # only a MiB budget: bits are checked above
+        if sum(min(c.values()) for c in cost.values()) > budget:
             smallest = (self._fixed_bytes(model, targets, layers) + sum(min(c.values()) for c in cost.values())) / 2**20
             raise ValueError(f"{self.name} cannot be met: the smallest feasible budget is mixed@{_ceil(smallest)}MiB")
         damage: dict[str, dict[int, float]] = {}
@@ -175,22 +182,44 @@ class MixedPrecision:
         )
 
     def budget_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str]) -> int:
-        """What the quantized layers may take in total, in bytes."""
+        """What the quantized layers' codes and scales may take in total, in bytes, so that the saved file
+        is within the budget: a MiB budget bounds the whole file, ``mixed@3`` the file of uniform int3
+        (``mixed@2.5``: of uniform int2, with its layers' codes at 2.5 bits)."""
         if self.budget.endswith("MiB"):
-            return int(float(self.budget[:-3]) * 2**20) - self._fixed_bytes(model, targets, layers)
-        bits = float(self.budget)
+            limit = int(float(self.budget[:-3]) * 2**20)
+        else:
+            bits = float(self.budget)
+            uniform = dataclasses.replace(self.base, bits=math.floor(bits))
+            limit = (
+                self._measured_bytes(model, targets, layers, uniform)
+                - self._layer_bytes(model, layers, uniform.bits)
+                + self._layer_bytes(model, layers, bits)
+            )
+        return limit - self._fixed_bytes(model, targets, layers)
+
+    def _layer_bytes(self, model: nn.Module, layers: Sequence[str], bits: float) -> int:
         return sum(weight_bytes(model.get_submodule(name).weight.shape, bits, self.granularity) for name in layers)
 
-    def _fixed_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str]) -> int:
-        """The file's bytes besides the quantized layers' codes and scales, measured on a 2-bit copy,
-        plus the alignment a different plan may add."""
+    def _measured_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str], recipe: Recipe) -> int:
+        """The bytes of ``model`` saved as ``recipe`` with every layer at ``recipe.bits``, as the file
+        format counts them (rounding and corrections change no size: a copy is rounded to nearest)."""
         if not _saved_bytes:
             raise RuntimeError("no file format registered its sizes: import qlight.quantization first")
-        plan = dict.fromkeys(layers, MIN_BITS)
-        smallest = IntxWeightOnly(MIN_BITS, self.granularity).quantize_plan(copy.deepcopy(model), targets, plan)
-        layer_bytes = sum(weight_bytes(model.get_submodule(n).weight.shape, MIN_BITS, self.granularity) for n in layers)
-        size = _saved_bytes[0](smallest, self, targets, model)
-        return size - layer_bytes + ALIGNMENT * len(layers)
+        plan = dict.fromkeys(layers, recipe.bits)
+        copied = IntxWeightOnly(recipe.bits, self.granularity).quantize_plan(copy.deepcopy(model), targets, plan)
+        return _saved_bytes[0](copied, recipe, targets, model)
+
+    def _fixed_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str]) -> int:
+        """The most the file takes besides the quantized layers' codes and scales, whatever the plan.
+
+        Measured on a copy with every layer at 8 bits, saved under this recipe's name: a layer's entry
+        is pickled alike at any bits but for its codes' length and offset, which are largest at 8 bits,
+        so no plan pickles longer. The codes of all layers are one record, which starts at a multiple of
+        :data:`ALIGNMENT`: fewer codes bytes can end in the same block, so up to one alignment of what
+        a plan saves may stay in the file.
+        """
+        measured = self._measured_bytes(model, targets, layers, self)  # self.bits: 8
+        return measured - self._layer_bytes(model, layers, MAX_BITS) + ALIGNMENT
 
 
 def _ceil(mib: float) -> str:
