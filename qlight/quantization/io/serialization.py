@@ -21,7 +21,7 @@ import re
 import sys
 import types
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported
 
 from qlight.errors import QlightError
 from qlight.files import load_torch_file
+from qlight.models import BACKBONES, backbone_class_path
 from qlight.quantization.grid.intx import code_range, dtype_bits, intx_from_codes, set_weight
 from qlight.quantization.recipes.base import Recipe, parse_recipe, quantizable_modules
 from qlight.quantization.recipes.mixed import register_saved_bytes
@@ -124,47 +125,82 @@ def _weight_only_file_bytes(model: nn.Module, recipe: Recipe, targets: Sequence[
     return len(quantized_bytes(model, recipe, targets, source, torch.empty(0)))
 
 
-def _model_class(class_path: Any, trusted_modules: Sequence[str], path: Path) -> type[nn.Module]:
-    # Importing a module runs its code: only modules already imported or named as trusted.
+def _model_class(class_path: Any, trusted_modules: Sequence[str], where: str) -> Any:
+    """The ``nn.Module`` class (or qlight's registered backbone builder) that a file names at ``where``.
+
+    Importing a module runs its code and calling a function does whatever it does: a file may name only
+    modules already imported or trusted, and only classes of modules (never a function or builtin)."""
     module_name, _, class_name = str(class_path).rpartition(".")
     if not module_name or not class_name:
-        raise QlightError(f"{path} names no model class ({class_path!r}): pass load_quantized(path, model=...)")
+        raise QlightError(f"{where} names no model class ({class_path!r}): pass load_quantized(path, model=...)")
     if module_name not in sys.modules:
         if module_name.split(".")[0] not in trusted_modules:
             raise QlightError(
-                f"{path} asks to import {module_name}, which is not imported and not trusted: import it first, "
+                f"{where} asks to import {module_name}, which is not imported and not trusted: import it first, "
                 f"pass load_quantized(path, model=...) or trusted_modules=[{module_name.split('.')[0]!r}]"
             )
         try:
             importlib.import_module(module_name)
         except ImportError as err:
-            raise QlightError(f"{path} needs {class_path}, which cannot be imported ({err})") from None
+            raise QlightError(f"{where} needs {class_path}, which cannot be imported ({err})") from None
     cls = getattr(sys.modules[module_name], class_name, None)
     if cls is None:  # e.g. a class defined in the script that saved the file, loaded from another
         raise QlightError(
-            f"{path} names {class_path}, which {module_name} does not define here: pass the model, "
+            f"{where} names {class_path}, which {module_name} does not define here: pass the model, "
             f"load_quantized(path, model={class_name}(...))"
         )
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise QlightError(f"{path} names {class_path}, which is not an nn.Module")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) and cls not in BACKBONES.values():
+        raise QlightError(
+            f"{where} names {class_path}, which is not an nn.Module class: qlight calls nothing else that a file "
+            "names; pass load_quantized(path, model=...)"
+        )
     return cls
 
 
-def _instantiate(spec: Any, trusted_modules: Sequence[str], path: Path, device: str = "cpu") -> nn.Module:
+def _class_paths(value: Any) -> Iterator[Any]:
+    """Every ``class_path`` in hyperparameters (dicts and lists), each shared object visited once: a
+    small file can nest one list in itself billions of times."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or not isinstance(item, (dict, list, tuple)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            if "class_path" in item:
+                yield item["class_path"]
+            stack.extend(item.values())
+        else:
+            stack.extend(item)
+
+
+def _rebuilder(spec: Any, trusted_modules: Sequence[str], path: Path) -> Callable[[str], nn.Module]:
+    """Check every class the file's model spec would import or build, then return its builder for a
+    device: the file chooses no import and no call that the checks did not allow."""
     if not isinstance(spec, dict):
         raise QlightError(f"{path} does not say which model it holds: pass load_quantized(path, model=...)")
-    cls = _model_class(spec.get("class_path"), trusted_modules, path)
+    cls = _model_class(spec.get("class_path"), trusted_modules, str(path))
     if not isinstance(spec.get("init_args"), dict):
         raise QlightError(
             f"cannot rebuild {spec['class_path']} from its hyperparameters: pass the model, "
             "load_quantized(path, model=MyModel(...)), or call self.save_hyperparameters() in its __init__"
         )
     # LightningCLI adds private entries (``_instantiator``, ``_class_path``) to the hyperparameters.
-    try:
-        with torch.device(device):
-            return cls(**{key: value for key, value in spec["init_args"].items() if not key.startswith("_")})
-    except (TypeError, ValueError, RuntimeError, OverflowError, QlightError) as err:
-        raise QlightError(f"{path}: cannot rebuild {spec['class_path']} ({str(err).splitlines()[0][:200]})") from None
+    init_args = {k: v for k, v in spec["init_args"].items() if not (isinstance(k, str) and k.startswith("_"))}
+    class_paths = list(_class_paths(init_args))
+    backbone = backbone_class_path(init_args.get("backbone"))  # ImageClassifier imports a dotted name too
+    for class_path in class_paths if backbone is None else [backbone, *class_paths]:
+        _model_class(class_path, trusted_modules, f"{path} (hyperparameters)")
+
+    def build(device: str) -> nn.Module:
+        try:
+            with torch.device(device):
+                return cls(**init_args)
+        except (TypeError, ValueError, RuntimeError, OverflowError, QlightError) as err:
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise QlightError(f"{path}: cannot rebuild {spec['class_path']} ({reason})") from None
+
+    return build
 
 
 def _quantized_weight(
@@ -415,8 +451,9 @@ def load_quantized(
     if recipe.static or not isinstance(payload.get("state_dict"), dict):
         raise QlightError(f"{path} is not a qlight quantized model file")
     if model is None:  # built on the meta device first: hyperparameters that ask for huge tensors allocate nothing
-        _check_shapes(_instantiate(payload.get("model"), trusted_modules, path, "meta"), payload["state_dict"], path)
-        model = _instantiate(payload.get("model"), trusted_modules, path)
+        build = _rebuilder(payload.get("model"), trusted_modules, path)
+        _check_shapes(build("meta"), payload["state_dict"], path)
+        model = build("cpu")
     model = model.to(map_location)
     targets = quantizable_modules(model)
     if recipe.per_layer:

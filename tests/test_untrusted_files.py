@@ -1,0 +1,91 @@
+"""Files from a stranger (issue #31): a quantized model whose hyperparameters name code, symbolic shapes
+that take sympy forever, zip bombs, plans that never end, and CIFAR labels that grow from a few bytes.
+Each is refused in one line, before it imports, runs or allocates anything."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlight import ImageClassifier, QlightError, load_quantized
+from qlight.quantization import parse_recipe, quantizable_modules
+from qlight.quantization.io.serialization import quantized_bytes
+
+
+def save_quantized(tmp_path: Path, backbone, name: str = "int8.pt") -> Path:
+    source = ImageClassifier(backbone, num_classes=10).eval()
+    targets, recipe = quantizable_modules(source), parse_recipe("int8")
+    path = tmp_path / name
+    path.write_bytes(quantized_bytes(recipe.quantize(copy.deepcopy(source), targets), recipe, targets, source, None))
+    return path
+
+
+def with_hparams(path: Path, **init_args) -> Path:
+    payload = torch.load(path, weights_only=True)
+    payload["model"]["init_args"].update(init_args)
+    crafted = path.with_name("crafted.pt")
+    torch.save(payload, crafted)
+    return crafted
+
+
+@pytest.fixture
+def digits_file(tmp_path):
+    return save_quantized(tmp_path, "digits.DigitsCNN")
+
+
+def shell(marker: Path) -> dict:
+    return {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        lambda m: {"backbone": shell(m)},
+        lambda m: {"backbone": {"class_path": "subprocess.getoutput", "init_args": {"cmd": f"touch {m}"}}},
+        lambda m: {"backbone": "this.Foo"},
+        lambda m: {"backbone": {"class_path": "this.Foo"}},
+        lambda m: {"lr": shell(m)},  # any class path, wherever it sits: a user's class may build it
+        lambda m: {"backbone": {"class_path": "digits.DigitsCNN", "init_args": {"width": [[shell(m)]]}}},
+    ],
+    ids=["os.system", "subprocess.getoutput", "import-by-name", "import-by-dict", "another-hparam", "nested"],
+)
+def test_hyperparameters_cannot_choose_what_a_file_imports_or_calls(tmp_path, digits_file, hparams):
+    marker = tmp_path / "pwned"
+    sys.modules.pop("this", None)  # importing `this` prints the Zen of Python
+    crafted = with_hparams(digits_file, **hparams(marker))
+    with pytest.raises(QlightError, match=r"crafted.pt \(hyperparameters\) (names|asks to import) ") as info:
+        load_quantized(crafted)
+    assert "\n" not in str(info.value)
+    assert not marker.exists() and "this" not in sys.modules
+    assert load_quantized(digits_file, model=ImageClassifier("digits.DigitsCNN", num_classes=10)) is not None
+
+
+def test_a_backbone_from_a_file_is_a_registered_builder_or_an_allowed_class(tmp_path, monkeypatch):
+    # Imported already (digits), a registered builder by class path, a class by dict: all rebuild.
+    for backbone in (
+        "digits.DigitsCNN",
+        {"class_path": "qlight.models.resnet20", "init_args": {"width_mult": 0.25}},
+        {"class_path": "digits.DigitsCNN", "init_args": {"width": 4}},
+    ):
+        loaded = load_quantized(save_quantized(tmp_path, backbone))
+        assert loaded.hparams.backbone == backbone
+    # A user's package is imported only when trusted: its import leaves a marker.
+    (tmp_path / "user_nets.py").write_text(
+        "import pathlib\nfrom torch import nn\npathlib.Path(__file__).with_name('imported').touch()\n"
+        "class Net(nn.Sequential):\n"
+        "    def __init__(self, num_classes=10):\n"
+        "        super().__init__(nn.Flatten(), nn.Linear(64, num_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = save_quantized(tmp_path, "user_nets.Net")
+    monkeypatch.delitem(sys.modules, "user_nets")
+    (tmp_path / "imported").unlink()
+    with pytest.raises(QlightError, match=r"asks to import user_nets, which is not imported and not trusted"):
+        load_quantized(path)
+    assert not (tmp_path / "imported").exists()
+    assert load_quantized(path, trusted_modules=["qlight", "user_nets"]).model[1].out_features == 10
+    # An imported module's function is never called, even a harmless one.
+    with pytest.raises(QlightError, match=r"names torch.nn.init.zeros_, which is not an nn.Module class"):
+        load_quantized(with_hparams(path, backbone="torch.nn.init.zeros_"), trusted_modules=["qlight", "user_nets"])
