@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_runtimes import onnx_with_external_data
 
 from qlight import ImageClassifier, QlightError, load_quantized
 from qlight.quantization import parse_recipe, quantizable_modules
@@ -89,3 +90,11 @@ def test_a_backbone_from_a_file_is_a_registered_builder_or_an_allowed_class(tmp_
     # An imported module's function is never called, even a harmless one.
     with pytest.raises(QlightError, match=r"names torch.nn.init.zeros_, which is not an nn.Module class"):
         load_quantized(with_hparams(path, backbone="torch.nn.init.zeros_"), trusted_modules=["qlight", "user_nets"])
+
+
+def test_a_class_that_the_hyperparameters_may_name_reads_no_file_they_choose(tmp_path, digits_file, monkeypatch):
+    onnx_module = "qlight.quantization.runtimes.ort.OnnxRuntimeModule"  # an nn.Module of qlight's own
+    backbone = {"class_path": onnx_module, "init_args": {"onnx_bytes": onnx_with_external_data(tmp_path)}}
+    monkeypatch.chdir(tmp_path)  # ONNX Runtime would read secret.bin from here
+    with pytest.raises(QlightError, match="the ONNX model keeps tensors in external files"):
+        load_quantized(with_hparams(digits_file, backbone=backbone))

@@ -41,7 +41,7 @@ from qlight.quantization.recipes.mixed import register_saved_bytes
 from qlight.quantization.recipes.plans import check_plan, realised_plan
 from qlight.quantization.recipes.static import export_batched
 from qlight.quantization.runtimes.inductor import InductorGraph
-from qlight.quantization.runtimes.ort import OnnxRuntimeModule, check_self_contained
+from qlight.quantization.runtimes.ort import OnnxRuntimeModule
 
 FORMAT = "qlight.quantized/1"
 _PLAIN_TENSOR_FILES = (pt2_constants.WEIGHT_FILENAME_PREFIX, pt2_constants.TENSOR_CONSTANT_FILENAME_PREFIX)
@@ -438,9 +438,7 @@ def load_quantized(
     if path.suffix == ".pt2":
         return _load_pt2(path)
     if path.suffix == ".onnx":
-        onnx_bytes = path.read_bytes()
-        check_self_contained(onnx_bytes, path)
-        return OnnxRuntimeModule(onnx_bytes)
+        return OnnxRuntimeModule(path.read_bytes(), str(path))
     payload = load_torch_file(path, "quantized model", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QlightError(f"{path} is not a qlight quantized model file")
