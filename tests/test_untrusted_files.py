@@ -3,7 +3,10 @@ that take sympy forever, zip bombs, plans that never end, and CIFAR labels that 
 Each is refused in one line, before it imports, runs or allocates anything."""
 
 import copy
+import re
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ from test_runtimes import onnx_with_external_data
 
 from qlight import ImageClassifier, QlightError, load_quantized
 from qlight.quantization import parse_recipe, quantizable_modules
-from qlight.quantization.io.serialization import quantized_bytes
+from qlight.quantization.io.serialization import _is_shape_expression, quantized_bytes
+from qlight.quantization.recipes.static import export_batched
 
 
 def save_quantized(tmp_path: Path, backbone, name: str = "int8.pt") -> Path:
@@ -98,3 +102,46 @@ def test_a_class_that_the_hyperparameters_may_name_reads_no_file_they_choose(tmp
     monkeypatch.chdir(tmp_path)  # ONNX Runtime would read secret.bin from here
     with pytest.raises(QlightError, match="the ONNX model keeps tensors in external files"):
         load_quantized(with_hparams(digits_file, backbone=backbone))
+
+
+def rezipped(source: Path, target: Path, suffix: str, write) -> Path:
+    """``source`` with its member ending in ``suffix`` written, deflated, by ``write(file, old_bytes)``."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if not item.filename.endswith(suffix):
+                dst.writestr(item, data)
+                continue
+            info = zipfile.ZipInfo(item.filename)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with dst.open(info, "w", force_zip64=True) as member:
+                write(member, data)
+    return target
+
+
+@pytest.fixture
+def graph_file(tmp_path):
+    path = tmp_path / "linear.pt2"
+    torch.export.save(export_batched(torch.nn.Linear(4, 2), torch.randn(2, 4)), path)  # a symbolic batch size
+    return path
+
+
+SYMBOL = "Symbol('s77', positive=True, integer=True)"  # how torch writes a batch dimension
+
+
+@pytest.mark.parametrize("shape", ["10**10**10", "Integer(7)**Integer(7)**Integer(9)", "Float(1, 100000000)/3"])
+def test_a_symbolic_shape_that_takes_sympy_forever_is_refused(tmp_path, graph_file, shape):
+    def write(member, data):
+        member.write(re.sub(rb'"expr_str": "Symbol\([^"]*"', f'"expr_str": "{shape}"'.encode(), data))
+
+    crafted = rezipped(graph_file, tmp_path / "crafted.pt2", "models/model.json", write)
+    start = time.perf_counter()
+    with pytest.raises(QlightError, match="holds a symbolic shape that is not a shape expression"):
+        load_quantized(crafted)
+    assert time.perf_counter() - start < 5
+    assert load_quantized(graph_file)(torch.randn(3, 4)).shape == (3, 2)
+    # What torch writes for shapes that depend on the batch still passes.
+    for real in (SYMBOL, f"Mul(Integer(3072), {SYMBOL})", f"Pow({SYMBOL}, Integer(-1))", "FloorDiv(s77, 2)", "s77**2"):
+        assert _is_shape_expression(real, {"FloorDiv": None})
+    for bomb in ("Pow(s77, Pow(10, 10))", "(s77**8)**8", "LShift(1, 99999)", "123456789012345678901*s77"):
+        assert not _is_shape_expression(bomb, {"LShift": None})

@@ -314,15 +314,51 @@ _SHAPE_NODES = (
 )
 _SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")  # s77, u0: the names torch gives shape symbols
 _MAX_EXPRESSION = 10_000
+# sympy evaluates numbers as it parses: 10**10**10 never ends. Literals stay within int64's digits, and
+# what grows exponentially with an argument (powers, shifts, a Float's precision) takes a small literal there.
+_MAX_LITERAL = 10**20
+_MAX_EXPONENT = 8
+_EXPONENTIAL = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift", "Float", "RoundDecimal"})
+
+
+def _exponential_operands(node: ast.AST) -> tuple[ast.AST | None, list[ast.AST]] | None:
+    """``(base, exponents)`` of a power, shift or precision; ``None`` for any other node."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        return node.left, [node.right]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _EXPONENTIAL:
+        return (node.args[0] if node.args else None), [*node.args[1:], *(k.value for k in node.keywords)]
+    return None
+
+
+def _small_literal(node: ast.AST) -> bool:
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Integer":
+        node = node.args[0] if len(node.args) == 1 and not node.keywords else node
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        node = node.operand
+    return isinstance(node, ast.Constant) and type(node.value) is int and abs(node.value) <= _MAX_EXPONENT
+
+
+def _bounded_growth(node: ast.AST) -> bool:
+    """A power's exponent is a small literal and its base holds no other power: nested, they multiply."""
+    operands = _exponential_operands(node)
+    if operands is None:
+        return True
+    base, exponents = operands
+    return (
+        base is not None and all(map(_small_literal, exponents)) and not any(map(_exponential_operands, ast.walk(base)))
+    )
 
 
 def _is_shape_expression(text: str, functions: Iterable[str]) -> bool:
     """Whether ``text`` is a call tree of known function names over symbols, numbers and symbol-name
-    strings: nothing that names an attribute, a module or a builtin."""
+    strings: nothing that names an attribute, a module or a builtin, and no number that takes sympy
+    long to build (literals up to 20 digits, powers to small literal exponents, never nested)."""
     allowed = _SHAPE_FUNCTIONS | set(functions)
 
     def plain(node: ast.AST) -> bool:
         if not isinstance(node, _SHAPE_NODES):
+            return False
+        if not _bounded_growth(node):
             return False
         if isinstance(node, ast.Call):
             return isinstance(node.func, ast.Name)
@@ -331,7 +367,7 @@ def _is_shape_expression(text: str, functions: Iterable[str]) -> bool:
         if isinstance(node, ast.Constant):
             value = node.value
             name = isinstance(value, str) and value.isidentifier() and not value.startswith("_")
-            return isinstance(value, (int, float)) or name
+            return isinstance(value, float) or (isinstance(value, int) and abs(value) < _MAX_LITERAL) or name
         return not isinstance(node, ast.keyword) or node.arg is not None
 
     if len(text) > _MAX_EXPRESSION:
