@@ -14,6 +14,7 @@ import torch
 from test_runtimes import onnx_with_external_data
 
 from qlight import ImageClassifier, QlightError, load_quantized
+from qlight.files import load_torch_file
 from qlight.quantization import parse_recipe, quantizable_modules
 from qlight.quantization.io.serialization import _is_shape_expression, quantized_bytes
 from qlight.quantization.recipes.static import export_batched
@@ -106,17 +107,28 @@ def test_a_class_that_the_hyperparameters_may_name_reads_no_file_they_choose(tmp
 
 def rezipped(source: Path, target: Path, suffix: str, write) -> Path:
     """``source`` with its member ending in ``suffix`` written, deflated, by ``write(file, old_bytes)``."""
-    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as dst:
         for item in src.infolist():
             data = src.read(item.filename)
             if not item.filename.endswith(suffix):
-                dst.writestr(item, data)
+                dst.writestr(item, data)  # stored, as torch writes it
                 continue
-            info = zipfile.ZipInfo(item.filename)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with dst.open(info, "w", force_zip64=True) as member:
+            with dst.open(item.filename, "w", force_zip64=True) as member:
                 write(member, data)
     return target
+
+
+def padded(before: bytes = b"", after: bytes = b"", mib: int = 0):
+    """A member writer: ``mib`` MiB of ``before`` bytes, the old bytes, then as many ``after`` bytes."""
+
+    def write(member, data):
+        for _ in range(mib * bool(before)):
+            member.write(before * (1 << 20))
+        member.write(data)
+        for _ in range(mib * bool(after)):
+            member.write(after * (1 << 20))
+
+    return write
 
 
 @pytest.fixture
@@ -145,3 +157,28 @@ def test_a_symbolic_shape_that_takes_sympy_forever_is_refused(tmp_path, graph_fi
         assert _is_shape_expression(real, {"FloorDiv": None})
     for bomb in ("Pow(s77, Pow(10, 10))", "(s77**8)**8", "LShift(1, 99999)", "123456789012345678901*s77"):
         assert not _is_shape_expression(bomb, {"LShift": None})
+
+
+@pytest.mark.parametrize(
+    "member, write, declares",
+    [  # deflated, a few hundred KB each: the reports' 1.5 GB bombs, smaller
+        ("models/model.json", padded(before=b" ", mib=65), "bytes uncompressed for .*models/model.json"),
+        ("_weights_config.json", padded(before=b" ", mib=65), "bytes uncompressed for .*_weights_config.json"),
+        ("data/weights/weight_0", padded(after=b"\0", mib=24), "bytes uncompressed, more than a file of its size"),
+    ],
+    ids=["model.json", "weights_config.json", "tensor"],
+)
+def test_a_pt2_zip_bomb_is_refused_before_it_is_read(tmp_path, graph_file, member, write, declares):
+    bomb = rezipped(graph_file, tmp_path / "bomb.pt2", member, write)
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(QlightError, match=rf"bomb.pt2 declares [\d,]+ {declares}.*; qlight refuses it"):
+        load_quantized(bomb)
+
+
+def test_a_pt_or_checkpoint_zip_bomb_is_refused_before_it_is_read(tmp_path, digits_file):
+    bomb = rezipped(digits_file, tmp_path / "bomb.pt", "data.pkl", padded(after=b"\0", mib=24))  # read past STOP
+    with pytest.raises(QlightError, match=r"bomb.pt declares 25,\d+,\d+ bytes uncompressed, more than a file of its"):
+        load_quantized(bomb)
+    legacy = tmp_path / "legacy.pt"  # torch's old format is no zip: it loads as before
+    torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    assert load_torch_file(legacy)["w"].sum() == 3

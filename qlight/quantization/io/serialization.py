@@ -33,7 +33,7 @@ from torchao.quantization import IntxUnpackedToInt8Tensor
 from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 
 from qlight.errors import QlightError
-from qlight.files import load_torch_file
+from qlight.files import check_unpacked_sizes, load_torch_file
 from qlight.models import BACKBONES, backbone_class_path
 from qlight.quantization.grid.intx import code_range, dtype_bits, intx_from_codes, set_weight
 from qlight.quantization.recipes.base import Recipe, parse_recipe, quantizable_modules
@@ -399,9 +399,10 @@ def _shape_expressions_only(path: Path) -> Iterator[None]:
 
 
 def _check_pt2(path: Path) -> None:
-    """Refuse an archive that asks for pickled weights, constants or objects."""
+    """Refuse a zip bomb, and an archive that asks for pickled weights, constants or objects."""
     try:
         with zipfile.ZipFile(path) as archive:
+            check_unpacked_sizes(archive, path)
             for name in archive.namelist():
                 if name.endswith(("_weights_config.json", "_constants_config.json")):
                     entries = json.loads(archive.read(name))["config"].values()
