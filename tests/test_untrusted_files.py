@@ -3,6 +3,7 @@ that take sympy forever, zip bombs, plans that never end, and CIFAR labels that 
 Each is refused in one line, before it imports, runs or allocates anything."""
 
 import copy
+import os
 import re
 import sys
 import time
@@ -13,7 +14,7 @@ import pytest
 import torch
 from test_runtimes import onnx_with_external_data
 
-from qlight import ImageClassifier, QlightError, load_quantized
+from qlight import ImageClassifier, PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
 from qlight.files import load_torch_file
 from qlight.quantization import parse_recipe, quantizable_modules
 from qlight.quantization.io.serialization import _is_shape_expression, quantized_bytes
@@ -182,3 +183,12 @@ def test_a_pt_or_checkpoint_zip_bomb_is_refused_before_it_is_read(tmp_path, digi
     legacy = tmp_path / "legacy.pt"  # torch's old format is no zip: it loads as before
     torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
     assert load_torch_file(legacy)["w"].sum() == 3
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink to /dev/zero"])
+def test_a_plan_path_that_is_no_regular_file_is_refused_at_once(tmp_path, kind):
+    plan = tmp_path / "plan.json"
+    os.mkfifo(plan) if kind == "fifo" else plan.symlink_to("/dev/zero")
+    for build in (lambda: PostTrainingQuantization([f"mixed@{plan}"]), lambda: QuantizationAwareTraining(str(plan))):
+        with pytest.raises(QlightError, match=r"plan.json is not a regular file: a plan is a JSON file of layer"):
+            build()
