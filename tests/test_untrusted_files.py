@@ -4,9 +4,11 @@ Each is refused in one line, before it imports, runs or allocates anything."""
 
 import copy
 import os
+import pickle
 import re
 import sys
 import time
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -14,7 +16,9 @@ import pytest
 import torch
 from test_runtimes import onnx_with_external_data
 
+from conftest import write_cifar100
 from qlight import ImageClassifier, PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
+from qlight.data.cifar import load_cifar
 from qlight.files import load_torch_file
 from qlight.quantization import parse_recipe, quantizable_modules
 from qlight.quantization.io.serialization import _is_shape_expression, quantized_bytes
@@ -192,3 +196,21 @@ def test_a_plan_path_that_is_no_regular_file_is_refused_at_once(tmp_path, kind):
     for build in (lambda: PostTrainingQuantization([f"mixed@{plan}"]), lambda: QuantizationAwareTraining(str(plan))):
         with pytest.raises(QlightError, match=r"plan.json is not a regular file: a plan is a JSON file of layer"):
             build()
+
+
+def test_cifar_labels_that_unfold_into_gigabytes_are_refused_before_numpy_builds_them(tmp_path):
+    root = write_cifar100(tmp_path)
+    train = root / "cifar-100-python" / "train"
+    entry = pickle.loads(train.read_bytes())
+    labels = [0, 0]
+    for _ in range(21):  # 2**22 labels from a few hundred bytes; the report's 2**28 reached 3 GB
+        labels = [labels, labels]
+    entry["fine_labels"] = labels
+    train.write_bytes(pickle.dumps(entry, protocol=2))
+    tracemalloc.start()
+    try:
+        with pytest.raises(QlightError, match=r"train cannot be read .*fine_labels is not one whole number per image"):
+            load_cifar(root, train=True)
+        assert tracemalloc.get_traced_memory()[1] < 8 << 20  # numpy would hold 32 MB of labels
+    finally:
+        tracemalloc.stop()
