@@ -19,6 +19,11 @@ from qlight.errors import QlightError
 
 SAFE_GLOBALS_ENV = "QLIGHT_SAFE_GLOBALS"
 LOCK = ".qlight.lock"  # held by exclusive_dir in the folder it guards
+# What a zip archive (a .pt, .ckpt or .pt2) may declare unpacked, checked before any member is read: a
+# few KB of deflated zeros can declare gigabytes. torch stores tensors uncompressed, so they unpack to
+# about the file's size; a .pt2's JSON (MobileNetV2's graph: 0.8 MB) may be stored or deflated.
+MAX_JSON_MEMBER = 64 << 20
+MAX_EXPANSION, EXPANSION_SLACK = 2, 16 << 20
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -54,6 +59,25 @@ def _allowed_globals() -> list[Any]:
     return allowed
 
 
+def check_unpacked_sizes(archive: zipfile.ZipFile, path: Path) -> None:
+    """Refuse a zip bomb: a JSON member that declares more than :data:`MAX_JSON_MEMBER` bytes, or other
+    members that declare more than ``MAX_EXPANSION`` times the file plus ``EXPANSION_SLACK``."""
+    members = archive.infolist()
+    for member in members:
+        if member.filename.endswith(".json") and member.file_size > MAX_JSON_MEMBER:
+            raise QlightError(
+                f"{path} declares {member.file_size:,} bytes uncompressed for {member.filename} (a JSON member "
+                f"holds at most {MAX_JSON_MEMBER:,}); qlight refuses it"
+            )
+    total = sum(m.file_size for m in members if not m.filename.endswith(".json"))
+    limit = MAX_EXPANSION * path.stat().st_size + EXPANSION_SLACK
+    if total > limit:
+        raise QlightError(
+            f"{path} declares {total:,} bytes uncompressed, more than a file of its size holds ({limit:,}); "
+            "qlight refuses it"
+        )
+
+
 def load_torch_file(path: str | Path, what: str = "file", map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(weights_only=True)``: tensors and plain data only, so a crafted file cannot run
     code. Any other global must be allowed by name in ``$QLIGHT_SAFE_GLOBALS``; every failure is a
@@ -64,6 +88,9 @@ def load_torch_file(path: str | Path, what: str = "file", map_location: str | to
             f"{what} {path} is a folder, not a file" if path.is_dir() else f"{what} {path} does not exist"
         )
     try:
+        if zipfile.is_zipfile(path):  # torch's current format; its legacy format is an uncompressed pickle
+            with zipfile.ZipFile(path) as archive:
+                check_unpacked_sizes(archive, path)
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

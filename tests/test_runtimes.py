@@ -2,6 +2,7 @@
 its own that must agree with the PyTorch quantized model on real data."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,7 +67,8 @@ def test_onnx_without_the_extra_is_one_line(monkeypatch):
         export_onnx(torch.nn.Linear(4, 2), torch.randn(2, 4))
 
 
-def test_an_onnx_file_with_external_data_is_refused_before_onnx_runtime_reads_it(tmp_path, monkeypatch):
+def onnx_with_external_data(tmp_path: Path) -> bytes:
+    """An ONNX model whose weight ONNX Runtime would read from ``secret.bin`` in the working directory."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -82,8 +84,12 @@ def test_an_onnx_file_with_external_data_is_refused_before_onnx_runtime_reads_it
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
         [weight],
     )
+    return helper.make_model(graph).SerializeToString()
+
+
+def test_an_onnx_file_with_external_data_is_refused_before_onnx_runtime_reads_it(tmp_path, monkeypatch):
     crafted = tmp_path / "crafted.onnx"
-    crafted.write_bytes(helper.make_model(graph).SerializeToString())
+    crafted.write_bytes(onnx_with_external_data(tmp_path))
     monkeypatch.chdir(tmp_path)  # ONNX Runtime resolves external data against the working directory
     with pytest.raises(QlightError, match="external files") as info:
         load_quantized(crafted)

@@ -122,6 +122,16 @@ class _PlainUnpickler(pickle.Unpickler):
         return self.GLOBALS[module, name]
 
 
+def _labels(value: Any, count: int, key: str) -> np.ndarray:
+    """``count`` whole numbers, from a flat list of ints or a 1-D integer array: checked before numpy
+    sees it, because nested lists that share one sublist unfold into gigabytes from a few bytes."""
+    flat = isinstance(value, list) and all(type(v) is int for v in value)
+    labels = np.asarray(value) if flat or isinstance(value, np.ndarray) else None
+    if labels is None or labels.shape != (count,) or labels.dtype.kind not in "iu":  # "O": ints beyond int64
+        raise ValueError(f"{key} is not one whole number per image")
+    return labels
+
+
 def load_cifar(data_dir: str | Path, train: bool, dataset: str = "cifar100") -> Split:
     """One split as ``(uint8 (N, 3, 32, 32), int64 (N,))``, read with an unpickler that builds plain
     data only (whether or not the checksums were verified) and checked for the format's shapes and labels."""
@@ -133,11 +143,10 @@ def load_cifar(data_dir: str | Path, train: bool, dataset: str = "cifar100") -> 
         try:
             with open(path, "rb") as file:
                 entry = _PlainUnpickler(file, encoding="latin1").load()
-            data, labels = entry["data"], np.asarray(entry[key])
+            data = entry["data"]
             if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
                 raise ValueError("data is not uint8 rows of 3,072 pixels")
-            if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
-                raise ValueError(f"{key} is not one whole number per image")
+            labels = _labels(entry[key], len(data), key)
             if len(labels) and not 0 <= labels.min() <= labels.max() < classes:
                 raise ValueError(f"labels outside 0..{classes - 1} ({labels.min()}..{labels.max()})")
         except (

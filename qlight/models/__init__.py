@@ -57,9 +57,19 @@ def build_backbone(spec: str | Mapping[str, Any], num_classes: int) -> nn.Module
         if name not in torchvision.models.list_models(torchvision.models):
             raise QlightError(f"torchvision has no classification model {name!r}: see torchvision.models.list_models()")
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    if "." in spec:
+    if backbone_class_path(spec):
         return _from_class_path(spec, {}, num_classes)
     raise QlightError(f"unknown backbone {spec!r}: give {BACKBONE_FORMS}")
+
+
+def backbone_class_path(spec: Any) -> str | None:
+    """The class path that :func:`build_backbone` imports for ``spec``; ``None`` for a registered name,
+    ``torchvision:<name>`` or a spec it refuses without importing anything."""
+    if isinstance(spec, Mapping):
+        return spec["class_path"] if isinstance(spec.get("class_path"), str) else None
+    if isinstance(spec, str) and spec not in BACKBONES and not spec.startswith(TORCHVISION) and "." in spec:
+        return spec
+    return None
 
 
 def backbone_name(spec: str | Mapping[str, Any]) -> str:
@@ -93,6 +103,7 @@ __all__ = [
     "BACKBONE_FORMS",
     "VGG",
     "ResNet",
+    "backbone_class_path",
     "backbone_name",
     "build_backbone",
     "mobilenet_v2",

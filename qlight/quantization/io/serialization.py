@@ -22,7 +22,7 @@ import re
 import sys
 import types
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ from torchao.quantization import IntxUnpackedToInt8Tensor
 from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 
 from qlight.errors import QlightError
-from qlight.files import load_torch_file
+from qlight.files import check_unpacked_sizes, load_torch_file
+from qlight.models import BACKBONES, backbone_class_path
 from qlight.quantization.grid.intx import code_range, dtype_bits, intx_from_codes, set_weight
 from qlight.quantization.grid.sizes import code_bytes
 from qlight.quantization.recipes.base import Recipe, parse_recipe, quantizable_modules
@@ -42,7 +43,7 @@ from qlight.quantization.recipes.mixed import register_saved_bytes
 from qlight.quantization.recipes.plans import check_plan
 from qlight.quantization.recipes.static import export_batched
 from qlight.quantization.runtimes.inductor import InductorGraph
-from qlight.quantization.runtimes.ort import OnnxRuntimeModule, check_self_contained
+from qlight.quantization.runtimes.ort import OnnxRuntimeModule
 
 FORMAT = "qlight.quantized/1"
 _PLAIN_TENSOR_FILES = (pt2_constants.WEIGHT_FILENAME_PREFIX, pt2_constants.TENSOR_CONSTANT_FILENAME_PREFIX)
@@ -158,47 +159,82 @@ def _weight_only_file_bytes(model: nn.Module, recipe: Recipe, targets: Sequence[
     return len(quantized_bytes(model, recipe, targets, source, torch.empty(0)))
 
 
-def _model_class(class_path: Any, trusted_modules: Sequence[str], path: Path) -> type[nn.Module]:
-    # Importing a module runs its code: only modules already imported or named as trusted.
+def _model_class(class_path: Any, trusted_modules: Sequence[str], where: str) -> Any:
+    """The ``nn.Module`` class (or qlight's registered backbone builder) that a file names at ``where``.
+
+    Importing a module runs its code and calling a function does whatever it does: a file may name only
+    modules already imported or trusted, and only classes of modules (never a function or builtin)."""
     module_name, _, class_name = str(class_path).rpartition(".")
     if not module_name or not class_name:
-        raise QlightError(f"{path} names no model class ({class_path!r}): pass load_quantized(path, model=...)")
+        raise QlightError(f"{where} names no model class ({class_path!r}): pass load_quantized(path, model=...)")
     if module_name not in sys.modules:
         if module_name.split(".")[0] not in trusted_modules:
             raise QlightError(
-                f"{path} asks to import {module_name}, which is not imported and not trusted: import it first, "
+                f"{where} asks to import {module_name}, which is not imported and not trusted: import it first, "
                 f"pass load_quantized(path, model=...) or trusted_modules=[{module_name.split('.')[0]!r}]"
             )
         try:
             importlib.import_module(module_name)
         except ImportError as err:
-            raise QlightError(f"{path} needs {class_path}, which cannot be imported ({err})") from None
+            raise QlightError(f"{where} needs {class_path}, which cannot be imported ({err})") from None
     cls = getattr(sys.modules[module_name], class_name, None)
     if cls is None:  # e.g. a class defined in the script that saved the file, loaded from another
         raise QlightError(
-            f"{path} names {class_path}, which {module_name} does not define here: pass the model, "
+            f"{where} names {class_path}, which {module_name} does not define here: pass the model, "
             f"load_quantized(path, model={class_name}(...))"
         )
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise QlightError(f"{path} names {class_path}, which is not an nn.Module")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) and cls not in BACKBONES.values():
+        raise QlightError(
+            f"{where} names {class_path}, which is not an nn.Module class: qlight calls nothing else that a file "
+            "names; pass load_quantized(path, model=...)"
+        )
     return cls
 
 
-def _instantiate(spec: Any, trusted_modules: Sequence[str], path: Path, device: str = "cpu") -> nn.Module:
+def _class_paths(value: Any) -> Iterator[Any]:
+    """Every ``class_path`` in hyperparameters (dicts and lists), each shared object visited once: a
+    small file can nest one list in itself billions of times."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or not isinstance(item, (dict, list, tuple)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            if "class_path" in item:
+                yield item["class_path"]
+            stack.extend(item.values())
+        else:
+            stack.extend(item)
+
+
+def _rebuilder(spec: Any, trusted_modules: Sequence[str], path: Path) -> Callable[[str], nn.Module]:
+    """Check every class the file's model spec would import or build, then return its builder for a
+    device: the file chooses no import and no call that the checks did not allow."""
     if not isinstance(spec, dict):
         raise QlightError(f"{path} does not say which model it holds: pass load_quantized(path, model=...)")
-    cls = _model_class(spec.get("class_path"), trusted_modules, path)
+    cls = _model_class(spec.get("class_path"), trusted_modules, str(path))
     if not isinstance(spec.get("init_args"), dict):
         raise QlightError(
             f"cannot rebuild {spec['class_path']} from its hyperparameters: pass the model, "
             "load_quantized(path, model=MyModel(...)), or call self.save_hyperparameters() in its __init__"
         )
     # LightningCLI adds private entries (``_instantiator``, ``_class_path``) to the hyperparameters.
-    try:
-        with torch.device(device):
-            return cls(**{key: value for key, value in spec["init_args"].items() if not key.startswith("_")})
-    except (TypeError, ValueError, RuntimeError, OverflowError, QlightError) as err:
-        raise QlightError(f"{path}: cannot rebuild {spec['class_path']} ({str(err).splitlines()[0][:200]})") from None
+    init_args = {k: v for k, v in spec["init_args"].items() if not (isinstance(k, str) and k.startswith("_"))}
+    class_paths = list(_class_paths(init_args))
+    backbone = backbone_class_path(init_args.get("backbone"))  # ImageClassifier imports a dotted name too
+    for class_path in class_paths if backbone is None else [backbone, *class_paths]:
+        _model_class(class_path, trusted_modules, f"{path} (hyperparameters)")
+
+    def build(device: str) -> nn.Module:
+        try:
+            with torch.device(device):
+                return cls(**init_args)
+        except (TypeError, ValueError, RuntimeError, OverflowError, QlightError) as err:
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise QlightError(f"{path}: cannot rebuild {spec['class_path']} ({reason})") from None
+
+    return build
 
 
 def _unpacked_codes(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
@@ -327,15 +363,51 @@ _SHAPE_NODES = (
 )
 _SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")  # s77, u0: the names torch gives shape symbols
 _MAX_EXPRESSION = 10_000
+# sympy evaluates numbers as it parses: 10**10**10 never ends. Literals stay within int64's digits, and
+# what grows exponentially with an argument (powers, shifts, a Float's precision) takes a small literal there.
+_MAX_LITERAL = 10**20
+_MAX_EXPONENT = 8
+_EXPONENTIAL = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift", "Float", "RoundDecimal"})
+
+
+def _exponential_operands(node: ast.AST) -> tuple[ast.AST | None, list[ast.AST]] | None:
+    """``(base, exponents)`` of a power, shift or precision; ``None`` for any other node."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        return node.left, [node.right]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _EXPONENTIAL:
+        return (node.args[0] if node.args else None), [*node.args[1:], *(k.value for k in node.keywords)]
+    return None
+
+
+def _small_literal(node: ast.AST) -> bool:
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Integer":
+        node = node.args[0] if len(node.args) == 1 and not node.keywords else node
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        node = node.operand
+    return isinstance(node, ast.Constant) and type(node.value) is int and abs(node.value) <= _MAX_EXPONENT
+
+
+def _bounded_growth(node: ast.AST) -> bool:
+    """A power's exponent is a small literal and its base holds no other power: nested, they multiply."""
+    operands = _exponential_operands(node)
+    if operands is None:
+        return True
+    base, exponents = operands
+    return (
+        base is not None and all(map(_small_literal, exponents)) and not any(map(_exponential_operands, ast.walk(base)))
+    )
 
 
 def _is_shape_expression(text: str, functions: Iterable[str]) -> bool:
     """Whether ``text`` is a call tree of known function names over symbols, numbers and symbol-name
-    strings: nothing that names an attribute, a module or a builtin."""
+    strings: nothing that names an attribute, a module or a builtin, and no number that takes sympy
+    long to build (literals up to 20 digits, powers to small literal exponents, never nested)."""
     allowed = _SHAPE_FUNCTIONS | set(functions)
 
     def plain(node: ast.AST) -> bool:
         if not isinstance(node, _SHAPE_NODES):
+            return False
+        if not _bounded_growth(node):
             return False
         if isinstance(node, ast.Call):
             return isinstance(node.func, ast.Name)
@@ -344,7 +416,7 @@ def _is_shape_expression(text: str, functions: Iterable[str]) -> bool:
         if isinstance(node, ast.Constant):
             value = node.value
             name = isinstance(value, str) and value.isidentifier() and not value.startswith("_")
-            return isinstance(value, (int, float)) or name
+            return isinstance(value, float) or (isinstance(value, int) and abs(value) < _MAX_LITERAL) or name
         return not isinstance(node, ast.keyword) or node.arg is not None
 
     if len(text) > _MAX_EXPRESSION:
@@ -376,9 +448,10 @@ def _shape_expressions_only(path: Path) -> Iterator[None]:
 
 
 def _check_pt2(path: Path) -> None:
-    """Refuse an archive that asks for pickled weights, constants or objects."""
+    """Refuse a zip bomb, and an archive that asks for pickled weights, constants or objects."""
     try:
         with zipfile.ZipFile(path) as archive:
+            check_unpacked_sizes(archive, path)
             for name in archive.namelist():
                 if name.endswith(("_weights_config.json", "_constants_config.json")):
                     entries = json.loads(archive.read(name))["config"].values()
@@ -451,9 +524,7 @@ def load_quantized(
     if path.suffix == ".pt2":
         return _load_pt2(path)
     if path.suffix == ".onnx":
-        onnx_bytes = path.read_bytes()
-        check_self_contained(onnx_bytes, path)
-        return OnnxRuntimeModule(onnx_bytes)
+        return OnnxRuntimeModule(path.read_bytes(), str(path))
     payload = load_torch_file(path, "quantized model", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QlightError(f"{path} is not a qlight quantized model file")
@@ -464,8 +535,9 @@ def load_quantized(
     if recipe.static or not isinstance(payload.get("state_dict"), dict):
         raise QlightError(f"{path} is not a qlight quantized model file")
     if model is None:  # built on the meta device first: hyperparameters that ask for huge tensors allocate nothing
-        _check_shapes(_instantiate(payload.get("model"), trusted_modules, path, "meta"), payload["state_dict"], path)
-        model = _instantiate(payload.get("model"), trusted_modules, path)
+        build = _rebuilder(payload.get("model"), trusted_modules, path)
+        _check_shapes(build("meta"), payload["state_dict"], path)
+        model = build("cpu")
     model = model.to(map_location)
     targets = quantizable_modules(model)
     if recipe.per_layer:  # older files hold the plan too, checked against the weights alike

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,25 @@ from qlight.quantization.recipes.allocation import Plan
 MAX_PLAN_BYTES = 2**20
 
 
+def _plan_text(path: Path) -> str:
+    # Opened without blocking and checked as opened: a FIFO would block in open() and /dev/zero never end.
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise QlightError(f"{path} is not a regular file: a plan is a JSON file of layer -> bits")
+        data = file.read(MAX_PLAN_BYTES + 1)
+    if len(data) > MAX_PLAN_BYTES:
+        raise QlightError(
+            f"{path} holds {max(info.st_size, len(data)):,} bytes: a plan is a JSON object of layer -> bits, "
+            "at most 1 MiB"
+        )
+    return data.decode()
+
+
 def read_plan(path: Path) -> Plan:
-    """A plan file: a non-empty JSON object of layer name -> bits (2..8), at most 1 MiB."""
+    """A plan file: a non-empty JSON object of layer name -> bits (2..8), a regular file of at most 1 MiB."""
     try:
-        size = path.stat().st_size
-        if size > MAX_PLAN_BYTES:
-            raise QlightError(f"{path} holds {size:,} bytes: a plan is a JSON object of layer -> bits, at most 1 MiB")
-        plan = json.loads(path.read_text())
+        plan = json.loads(_plan_text(path))
     except FileNotFoundError:
         raise QlightError(f"no plan file at {path}: write a JSON object of layer -> bits") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also 5,000-digit numbers

@@ -49,7 +49,7 @@ def _tensors(graph: Any) -> Iterator[Any]:
                 yield from _tensors(subgraph)
 
 
-def check_self_contained(onnx_bytes: bytes, path: Path) -> None:
+def check_self_contained(onnx_bytes: bytes, path: Path | str) -> None:
     """Refuse an ONNX model whose tensors live in external files: ONNX Runtime would read them from
     paths the file names, relative to the working directory, not the model's folder."""
     try:
@@ -70,10 +70,12 @@ def check_self_contained(onnx_bytes: bytes, path: Path) -> None:
 
 class OnnxRuntimeModule(nn.Module):
     """An ONNX model run by ONNX Runtime's CPU provider, called like the module it was exported from
-    (tensors in, tensors out). Keeps the model's bytes, which is what gets saved."""
+    (tensors in, tensors out). Keeps the model's bytes, which is what gets saved. ``source`` names the
+    bytes in errors; a model that keeps tensors in external files is refused."""
 
-    def __init__(self, onnx_bytes: bytes) -> None:
+    def __init__(self, onnx_bytes: bytes, source: str = "the ONNX model") -> None:
         super().__init__()
+        check_self_contained(onnx_bytes, source)  # also when a file's hyperparameters name this class
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
