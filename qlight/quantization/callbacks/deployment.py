@@ -4,20 +4,26 @@ measuring how closely its predictions follow the eager model's: what the callbac
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from qlight.errors import QlightError
+from qlight.files import atomic_write_bytes
 from qlight.quantization.io.onnx_export import onnx_bytes
-from qlight.quantization.runtimes.agreement import Agreement, compare_logits
+from qlight.quantization.qat.results import QATResults
 from qlight.quantization.runtimes.inductor import InductorGraph
 from qlight.quantization.runtimes.ort import OnnxRuntimeModule
+from qlight.quantization.runtimes.speed import measure_speed
 
 RUNTIMES = ("eager", "onnxruntime", "inductor")
+QAT_RUNTIMES = ("eager", "onnxruntime")  # what the QAT callbacks' converted models run in
 ONNX_EXTRA = 'pip install "qlight[onnx]"'
 ONNX_FILE = {"onnxruntime": ".onnx"}  # the file a runtime's row writes; Inductor compiles the saved graph
 # What ONNX Runtime does with weight-only models (measured: README "Deploy"): its constant folding
@@ -60,18 +66,6 @@ def input_dtype(deployed: nn.Module, default: torch.dtype) -> torch.dtype:
     return default
 
 
-def agreement_across_ranks(trainer: Trainer, reference: Tensor, got: Tensor) -> Agreement:
-    """:func:`compare_logits` of each rank's share of the test images, summed over the ranks."""
-    local = compare_logits(reference, got)
-    stats = torch.tensor(
-        [local.same, local.count, local.max_logit_diff], dtype=torch.float64, device=trainer.strategy.root_device
-    )
-    gathered = trainer.strategy.all_gather(stats).reshape(-1, 3).cpu()
-    return Agreement(
-        same=int(gathered[:, 0].sum()), count=int(gathered[:, 1].sum()), max_logit_diff=float(gathered[:, 2].max())
-    )
-
-
 @dataclass(frozen=True)
 class EagerResult:
     """What a runtime's row is compared with: the eager model and its test logits (this rank's)."""
@@ -79,3 +73,34 @@ class EagerResult:
     model: nn.Module
     logits: Tensor
     example: Tensor  # on the model's device
+
+
+def deploy_converted(
+    callback: QATResults,
+    trainer: Trainer,
+    pl_module: LightningModule,
+    converted: nn.Module,
+    example: Tensor,
+    eager: tuple[dict[str, Any], Tensor | None],
+    device: torch.device | None = None,
+) -> None:
+    """A QAT callback's converted model in each of its runtimes besides eager PyTorch: its file
+    (``model.onnx``) and a ``converted`` row with the agreement with ``eager`` (row and logits)."""
+    eager_row, logits = eager
+    for runtime in callback.runtimes[1:]:
+        start = time.perf_counter()
+        described = {key: eager_row.get(key) for key in ("epoch", "split", "fake_quant", "kept_float")}
+        try:
+            deployed, payload = deploy(converted, runtime, example)
+            if payload is not None and trainer.is_global_zero:
+                atomic_write_bytes(callback._out(trainer) / f"model{ONNX_FILE[runtime]}", payload)
+            speed = measure_speed(deployed, example.to(input_dtype(deployed, example.dtype)))
+            size = eager_row.get("size_bytes") if payload is None else len(payload)
+            extra = {"kept_float": eager_row.get("kept_float"), "runtime": runtime, "size_bytes": size, **vars(speed)}
+            epoch, split = eager_row["epoch"], eager_row["split"]
+            callback._record(trainer, pl_module, deployed, split, epoch, "converted", extra, device, reference=logits)
+        except Exception as err:  # the eager model and its file stand; this runtime's row says why not
+            message = f"{type(err).__name__}: {err}".splitlines()[0]
+            rank_zero_warn(f"{callback.title} in {runtime} failed: {message}")
+            seconds = round(time.perf_counter() - start, 2)
+            callback.add_row(trainer, {**described, "runtime": runtime, "error": message, "seconds": seconds})

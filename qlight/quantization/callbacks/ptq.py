@@ -26,7 +26,6 @@ from qlight.quantization.callbacks.deployment import (
     ONNX_FILE,
     WEIGHT_ONLY_ORT_NOTE,
     EagerResult,
-    agreement_across_ranks,
     check_runtimes,
     deploy,
     input_dtype,
@@ -60,6 +59,7 @@ from qlight.quantization.recipes.float_cast import FloatCast
 from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.quantization.recipes.plans import average_bits, realised_plan
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
+from qlight.quantization.runtimes.agreement import compare_logits
 from qlight.quantization.runtimes.speed import measure_speed
 from qlight.tables import markdown_table, write_results
 
@@ -445,7 +445,7 @@ class PostTrainingQuantization(Callback):
             batches = transferred_batches(trainer, pl_module, loader, self.eval_batches, shard=True)
             batches = ((x.to(device), y.to(device)) for x, y in batches)
             accuracy = evaluate(deployed, batches, trainer, dtype, keep_logits=True)
-            agreement = agreement_across_ranks(trainer, eager.logits, accuracy.logits)
+            agreement = compare_logits(eager.logits, accuracy.logits, trainer.strategy.all_gather)
             row.update(acc1=accuracy.acc1, acc5=accuracy.acc5, agreement=agreement.agreement)
             row.update(max_logit_diff=agreement.max_logit_diff, size_bytes=eager_row.get("size_bytes"))
             if payload is not None:

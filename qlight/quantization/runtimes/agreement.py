@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,11 +48,15 @@ class Agreement:
         )
 
 
-def compare_logits(reference: Tensor, got: Tensor) -> Agreement:
-    """The agreement of ``got`` with ``reference``: logits of the same images, in the same order."""
+def compare_logits(reference: Tensor, got: Tensor, all_gather: Callable[[Tensor], Tensor] | None = None) -> Agreement:
+    """The agreement of ``got`` with ``reference``: logits of the same images, in the same order. With
+    ``all_gather`` (a Lightning strategy's), each rank compares its share and the counts are summed."""
     if reference.shape != got.shape:
         raise ValueError(f"logits of shape {tuple(got.shape)} cannot be compared with {tuple(reference.shape)}")
     reference, got = reference.float().cpu(), got.float().cpu()
-    same = int((reference.argmax(1) == got.argmax(1)).sum()) if len(reference) else 0
+    same = float((reference.argmax(1) == got.argmax(1)).sum()) if len(reference) else 0.0
     diff = float((reference - got).abs().max()) if reference.numel() else 0.0
-    return Agreement(same=same, count=len(reference), max_logit_diff=diff)
+    stats = torch.tensor([[same, len(reference), diff]], dtype=torch.float64)
+    if all_gather is not None:
+        stats = all_gather(stats).reshape(-1, 3).cpu()
+    return Agreement(same=int(stats[:, 0].sum()), count=int(stats[:, 1].sum()), max_logit_diff=float(stats[:, 2].max()))
