@@ -3,7 +3,7 @@ measuring how closely its predictions follow the eager model's: what the callbac
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,10 +43,18 @@ def check_runtimes(runtimes: Sequence[str], who: str, valid: Sequence[str] = RUN
     if not given or set(given) - set(valid) or len(set(given)) < len(given):
         raise QlightError(f"{who} runtimes takes one or more of {', '.join(valid)} (each once), got {given}")
     if "onnxruntime" in given:
-        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _importable(name)]
         if missing:
             raise QlightError(f"{who} runtimes=onnxruntime needs {', '.join(missing)}: {ONNX_EXTRA}")
     return tuple(dict.fromkeys(("eager", *given)))
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def deploy(model: nn.Module, runtime: str, example: Tensor) -> tuple[nn.Module, bytes | None]:
