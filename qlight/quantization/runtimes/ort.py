@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from qlight.errors import QlightError
 
-ONNX_HINT = 'pip install -e ".[onnx]"'
+ONNX_HINT = 'pip install "qlight[onnx]"'
 
 
 def _onnxruntime():
@@ -24,15 +24,18 @@ def _onnxruntime():
     return onnxruntime
 
 
-def export_onnx(model: nn.Module, example: Tensor) -> bytes:
+def export_onnx(model: nn.Module, example: Tensor, optimize: bool = True) -> bytes:
     """The ONNX (QDQ for a PT2E graph) of ``model``, batch dimension dynamic, via ``torch.onnx``'s
-    dynamo exporter. Needs the ``onnx`` extra."""
+    dynamo exporter. Needs the ``onnx`` extra. ``optimize=False`` keeps each parameter as the
+    initializer of its name (the optimizer folds BatchNorm into the conv weights before it)."""
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
     except ImportError:
         raise QlightError(f"ONNX export needs onnx and onnxscript: {ONNX_HINT}") from None
     batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(model, (example[:2],), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+    program = torch.onnx.export(
+        model, (example[:2],), dynamo=True, dynamic_shapes=({0: batch},), verbose=False, optimize=optimize
+    )
     buffer = io.BytesIO()
     program.save(buffer)
     return buffer.getvalue()
