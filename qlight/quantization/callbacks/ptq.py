@@ -459,8 +459,8 @@ class PostTrainingQuantization(Callback):
             if self._timed(row):
                 row.update(vars(measure_speed(deployed, eager.example.to(dtype), self.speed_repeats)))
         except Exception as err:  # what one runtime cannot run must not lose the other rows
-            rank_zero_warn(f"PTQ {recipe.name} in {runtime} failed: {type(err).__name__}: {err}")
             row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+            rank_zero_warn(f"PTQ {recipe.name} in {runtime} failed: {row['error']}")
             rank_zero_info(traceback.format_exc())
         row["seconds"] = round(time.perf_counter() - start, 2)
         return row
