@@ -3,7 +3,6 @@ of an ``.onnx`` file, and a module that runs one like the PyTorch module it came
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,21 @@ def export_onnx(model: nn.Module, example: Tensor, optimize: bool = True) -> byt
     program = torch.onnx.export(
         model, (example[:2],), dynamo=True, dynamic_shapes=({0: batch},), verbose=False, optimize=optimize
     )
-    buffer = io.BytesIO()
-    program.save(buffer)
-    return buffer.getvalue()
+    proto = program.model_proto
+    _strip_debug_info(proto)
+    return proto.SerializeToString()
+
+
+def _strip_debug_info(proto: Any) -> None:
+    """Drop what the exporter records for debugging (stack traces, source names, shapes ONNX Runtime
+    infers again): on a small network it is as large as the weights."""
+    graph = proto.graph
+    del proto.metadata_props[:]
+    del graph.value_info[:]
+    for entry in (*graph.node, *graph.initializer, *graph.input, *graph.output):
+        del entry.metadata_props[:]
+        entry.doc_string = ""
+    proto.doc_string = graph.doc_string = ""
 
 
 def _tensors(graph: Any) -> Iterator[Any]:
