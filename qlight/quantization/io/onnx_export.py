@@ -70,14 +70,13 @@ def onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
         proto = onnx.load_from_string(export_onnx(_dequantized(model, weights), example, optimize=False))
         for name, weight in weights.items():
             _store_codes(proto, f"{name}.weight", weight)
-    _strip_debug_info(proto)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 
 
 def _dequantized(model: nn.Module, weights: dict[str, IntxUnpackedToInt8Tensor]) -> nn.Module:
     """A copy of ``model`` whose quantized weights are the float tensors they stand for."""
-    plain = copy.deepcopy(model)
+    plain = copy.deepcopy(model).eval()
     for name, weight in weights.items():
         plain.get_submodule(name).weight = nn.Parameter(weight.dequantize(), requires_grad=False)
     return plain
@@ -147,15 +146,3 @@ def _store_codes(proto: Any, name: str, weight: IntxUnpackedToInt8Tensor) -> Non
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, needed)
-
-
-def _strip_debug_info(proto: Any) -> None:
-    """Drop what the exporter records for debugging (stack traces, source names, shapes ONNX Runtime
-    infers again): on a small network it is as large as the weights."""
-    graph = proto.graph
-    del proto.metadata_props[:]
-    del graph.value_info[:]
-    for entry in (*graph.node, *graph.initializer, *graph.input, *graph.output):
-        del entry.metadata_props[:]
-        entry.doc_string = ""
-    proto.doc_string = graph.doc_string = ""

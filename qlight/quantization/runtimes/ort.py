@@ -3,7 +3,7 @@ of an ``.onnx`` file, and a module that runs one like the PyTorch module it came
 
 from __future__ import annotations
 
-import io
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,27 @@ def export_onnx(model: nn.Module, example: Tensor, optimize: bool = True) -> byt
     except ImportError:
         raise QlightError(f"ONNX export needs onnx and onnxscript: {ONNX_HINT}") from None
     batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(
-        model, (example[:2],), dynamo=True, dynamic_shapes=({0: batch},), verbose=False, optimize=optimize
-    )
-    buffer = io.BytesIO()
-    program.save(buffer)
-    return buffer.getvalue()
+    with warnings.catch_warnings():
+        if isinstance(model, torch.fx.GraphModule):  # an exported graph's mode is in its ops, not its flag
+            warnings.filterwarnings("ignore", "Exporting a model while it is in training mode")
+        program = torch.onnx.export(
+            model, (example[:2],), dynamo=True, dynamic_shapes=({0: batch},), verbose=False, optimize=optimize
+        )
+    proto = program.model_proto
+    _strip_debug_info(proto)
+    return proto.SerializeToString()
+
+
+def _strip_debug_info(proto: Any) -> None:
+    """Drop what the exporter records for debugging (stack traces, source names, shapes ONNX Runtime
+    infers again): on a small network it is as large as the weights."""
+    graph = proto.graph
+    del proto.metadata_props[:]
+    del graph.value_info[:]
+    for entry in (*graph.node, *graph.initializer, *graph.input, *graph.output):
+        del entry.metadata_props[:]
+        entry.doc_string = ""
+    proto.doc_string = graph.doc_string = ""
 
 
 def _tensors(graph: Any) -> Iterator[Any]:
