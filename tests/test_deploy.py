@@ -7,7 +7,7 @@ import pytest
 import torch
 from digits import DigitsNet, trainer
 
-from qlight import PostTrainingQuantization, QlightError, QuantizationAwareTraining
+from qlight import PostTrainingQuantization, QlightError, QuantizationAwareTraining, load_quantized
 from qlight.quantization.runtimes.agreement import compare_logits
 from qlight.study.report import build_report
 from qlight.tables import read_csv, write_csv
@@ -37,8 +37,10 @@ def test_onnx_rows_agree_with_eager_pytorch_for_weight_only_int8_int4_and_mixed(
         assert int(onnx["size_bytes"]) == (tmp_path / f"{name}.onnx").stat().st_size
         assert float(onnx["images_per_s"]) > 0 and float(onnx["speedup"]) > 0
     assert float(rows["fp32", "onnxruntime"]["speedup"]) == float(rows["fp32", "eager"]["speedup"]) == 1.0
-    assert "dequantizes the weights" in rows["int4", "onnxruntime"]["note"]
+    assert "dequantizes the weights once, at load" in rows["int4", "onnxruntime"]["note"]
     assert rows["mixed@4", "onnxruntime"]["bits"] == rows["mixed@4", "eager"]["bits"]  # the realised average
+    options = load_quantized(tmp_path / "int4.onnx").session.get_session_options()
+    assert options.get_session_config_entry("session.disable_quant_qdq") == "1"  # dequantized once, at load
     files = json.loads((tmp_path / "ptq_files.json").read_text())
     assert {f"{name}.onnx" for name in names} <= set(files)
 
