@@ -11,6 +11,8 @@ from torch import nn
 
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes, load_torch_file
+from qlight.quantization.io.onnx_export import float_dtype, onnx_bytes
+from qlight.quantization.io.serialization import load_quantized
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +55,25 @@ def _saved_input_shape(path: Path, model: nn.Module) -> tuple[int, ...] | None:
     return tuple(shape) if shape else None
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of the innermost cause: ``torch.onnx`` wraps the error that says what failed."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Run the model once in PyTorch, whose error names a wrong input shape plainly."""
+    try:
+        with torch.no_grad():
+            model(example.to(float_dtype(model)))
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        shape = ",".join(map(str, example.shape[1:]))
+        raise QlightError(f"{path} does not run on inputs of shape {shape} ({_first_line(err)})") from None
+
+
 def export_main(argv: list[str]) -> int:
     """Write the ``.onnx``; print where and how big. Bad input raises :class:`QlightError`."""
-    from qlight.quantization.io.onnx_export import onnx_bytes
-    from qlight.quantization.io.serialization import load_quantized
-
     args = build_parser().parse_args(argv)
     output = args.output or args.file.with_suffix(".onnx")
     if output.resolve() == args.file.resolve():
@@ -68,10 +84,13 @@ def export_main(argv: list[str]) -> int:
         shape = _saved_input_shape(args.file, model)
         if shape is None:
             raise QlightError(f"{args.file} does not record its input shape: pass --input_shape, e.g. 3,32,32")
+    example = torch.zeros(2, *(shape or ()))
+    if shape is not None:
+        _check_runs(model, example, args.file)
     try:
-        data = onnx_bytes(model, torch.zeros(2, *(shape or ())))
+        data = onnx_bytes(model, example)
     except (ValueError, RuntimeError, TypeError) as err:  # the exporter raises many types
-        raise QlightError(f"cannot export {args.file} to ONNX: {str(err).splitlines()[0][:300]}") from None
+        raise QlightError(f"cannot export {args.file} to ONNX: {_first_line(err)}") from None
     atomic_write_bytes(output, data)
     print(f"wrote {output} ({len(data):,} bytes; {args.file.name} is {args.file.stat().st_size:,} bytes)")
     return 0

@@ -40,6 +40,11 @@ def storage_bits(bits: int) -> int:
     return 2 if bits == 2 else 4 if bits <= 4 else 8
 
 
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The float type of ``model``'s weights, which its inputs take (float32 for a model without)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
     """``model`` as a self-contained ONNX model (batch dimension dynamic) that
     ``runtimes.ort.OnnxRuntimeModule`` runs; ``example`` is a batch of its inputs.
@@ -53,7 +58,7 @@ def onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
     if isinstance(model, InductorGraph):  # compiled for running; its graph is what exports
         model = model.graph
     onnx = _onnx()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = float_dtype(model)
     if dtype == torch.bfloat16:
         raise ValueError("ONNX Runtime's CPU provider has no bfloat16 Conv: export the fp16 or fp32 model")
     example = example.to(dtype)
