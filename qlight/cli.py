@@ -1,4 +1,5 @@
-"""``python -m qlight``: LightningCLI (fit, validate, test, predict) plus the ``study`` command."""
+"""``python -m qlight``: LightningCLI (fit, validate, test, predict) plus the ``study``, ``recipes`` and
+``export`` commands."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from qlight.models import BACKBONE_FORMS
 DESCRIPTION = (
     "Train, test and quantize image classifiers. The whole quantization study: "
     "python -m qlight study --config configs/study.yaml (python -m qlight study --help). "
-    "Every PTQ recipe, method and granularity: python -m qlight recipes."
+    "Every PTQ recipe, method and granularity: python -m qlight recipes. "
+    "A saved model for ONNX Runtime: python -m qlight export <file> --to onnx."
 )
 PRECISION_ALIASES = ("32", "16", "bf16")  # Lightning's short names of 32-true, 16-mixed and bf16-mixed
 TRAINER_DEFAULTS = {
@@ -202,6 +204,10 @@ def main(args: list[str] | None = None) -> None:
 
             print(describe_recipes())
             sys.exit(0)
+        if argv[:1] == ["export"]:
+            from qlight.export_cli import export_main
+
+            sys.exit(export_main(argv[1:]))
         if argv[:1] == ["study"]:
             from qlight.study.runner import study_main
 

@@ -137,6 +137,7 @@ class Accuracy:
     acc1: float
     acc5: float
     count: int
+    logits: Tensor | None = None  # this rank's logits, in batch order, on the CPU (``keep_logits``)
 
 
 @torch.no_grad()
@@ -145,8 +146,10 @@ def evaluate(
     batches: Iterable[tuple[Tensor, Tensor]],
     trainer: Trainer,
     input_dtype: torch.dtype = torch.float32,
+    keep_logits: bool = False,
 ) -> Accuracy:
-    """Top-1/top-5 accuracy, summed over ranks so every rank gets the same numbers.
+    """Top-1/top-5 accuracy, summed over ranks so every rank gets the same numbers; with
+    ``keep_logits`` also this rank's logits (to compare another runtime's with, in the same pass).
 
     Raises ``FloatingPointError`` when the model gives a NaN or Inf logit: its accuracy would be a
     plausible-looking number computed from garbage.
@@ -154,8 +157,11 @@ def evaluate(
     device = trainer.strategy.root_device
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, non-finite logits
     seen = 0
+    kept: list[Tensor] = []
     for inputs, targets in batches:
         logits = model(inputs.to(input_dtype)).float()
+        if keep_logits:
+            kept.append(logits.to("cpu", non_blocking=True))
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
         bad = (~torch.isfinite(logits)).any(1)
         # Summed where the batch lives and read once at the end: no host sync per batch.
@@ -166,7 +172,12 @@ def evaluate(
     if totals[2] > 0:
         raise FloatingPointError(f"non-finite logits for {int(totals[2])} of {int(totals[3])} test images")
     count = int(totals[3])
-    return Accuracy(acc1=float(totals[0] / max(count, 1)), acc5=float(totals[1] / max(count, 1)), count=count)
+    return Accuracy(
+        acc1=float(totals[0] / max(count, 1)),
+        acc5=float(totals[1] / max(count, 1)),
+        count=count,
+        logits=torch.cat(kept) if kept else None,
+    )
 
 
 def logs_this_step(pl_module: LightningModule) -> bool:

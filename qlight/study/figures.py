@@ -69,6 +69,10 @@ def _plot_accuracy_vs_size(results: dict[str, Any], ax: plt.Axes) -> bool:
     on_front = {point: r for r in weight_only for point in front if point == (r["size_mib"], r["acc1"])}
     for k, (point, r) in enumerate(sorted(on_front.items())):  # only the front: elsewhere labels pile up
         ax.annotate(r["recipe"].split("+")[0], point, xytext=(4, -10 if k % 2 else 4), textcoords="offset points")
+    onnx = [r for r in _deployed(results, "onnxruntime") if r.get("size_mib") and r["method"] not in WHOLE_MODEL]
+    if onnx:
+        x, y = [r["size_mib"] for r in onnx], [r["acc1"] for r in onnx]
+        ax.plot(x, y, "x", ls="", color="grey", label="the same in ONNX Runtime (.onnx files)")
     _fp32_line(results, ax)
     ax.set(xlabel="file size (MiB)", ylabel="test top-1", title="Accuracy vs model size (weight-only PTQ)")
     _percent(ax)
@@ -76,14 +80,22 @@ def _plot_accuracy_vs_size(results: dict[str, Any], ax: plt.Axes) -> bool:
     return True
 
 
+def _deployed(results: dict[str, Any], runtime: str | None = None) -> list[dict[str, Any]]:
+    """PTQ's rows in other runtimes than eager (``runtime``: in that one) that have a top-1."""
+    rows = results.get("deployed", [])
+    return [r for r in rows if r.get("acc1") is not None and runtime in (None, r["runtime"])]
+
+
 def _runtime_kind(row: dict[str, Any]) -> str:
-    if row["method"] in WHOLE_MODEL:
-        return row["recipe"] if row["method"] == "cast" else f"{row['runtime']} int8 graph"
-    return "weight-only (float kernels)"
+    if row["method"] in WHOLE_MODEL and row["method"] != "cast":
+        return f"{row['runtime']} int8 graph"
+    kind = row["recipe"] if row["method"] == "cast" else "weight-only (float kernels)"
+    return kind if row.get("runtime") in (None, "eager") else f"{kind}, {row['runtime']}"
 
 
 def _plot_accuracy_vs_throughput(results: dict[str, Any], ax: plt.Axes) -> bool:
-    timed = [r for r in results["ptq"] if r.get("images_per_s") and r.get("acc1") is not None]
+    rows = results["ptq"] + _deployed(results)
+    timed = [r for r in rows if r.get("images_per_s") and r.get("acc1") is not None]
     if not timed:
         return False
     devices = list(dict.fromkeys(r["device"] for r in timed))

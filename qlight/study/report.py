@@ -15,6 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes, atomic_write_text
 from qlight.models import backbone_name
+from qlight.quantization.runtimes.agreement import AGREEMENT_FLOOR
 from qlight.study.figures import CAPTIONS, figures
 from qlight.study.results import collect, weight_only_series
 from qlight.tables import markdown_table
@@ -101,6 +102,34 @@ def _ptq_section(results: dict[str, Any]) -> list[str]:
             }
         )
     return [*lines, markdown_table(rows, list(rows[0]))]
+
+
+def _deployed_section(results: dict[str, Any]) -> list[str]:
+    """Every row PTQ ran in a runtime other than eager PyTorch, with its agreement and speedup."""
+    rows = [r for r in results["ptq"] + results.get("deployed", []) if r.get("runtime") not in (None, "eager")]
+    lines = ["## Deployed", ""]
+    if not rows:
+        return [*lines, "(no deployed rows: run PTQ with --ptq.runtimes=[eager, onnxruntime])", ""]
+    lines += [
+        f"Each recipe in another runtime: agreement is the share of test images it predicts as the PyTorch "
+        f"model does (under {AGREEMENT_FLOOR}%: its results are not the PyTorch model's), speedup its images/s "
+        "over fp32's in the same runtime; sizes are bytes of its file.",
+        "",
+    ]
+    table = [
+        {
+            "recipe": r["recipe"],
+            "runtime": r["runtime"],
+            "top-1 %": _pct(r.get("acc1")),
+            "agreement %": None if r.get("agreement") is None else f"{r['agreement']:.2f}",
+            "size MiB": None if r.get("size_mib") is None else f"{r['size_mib']:.3f}",
+            "images/s": None if r.get("images_per_s") is None else f"{r['images_per_s']:,.0f}",
+            "speedup": None if r.get("speedup") is None else f"{r['speedup']:.2f}x",
+            "note": r.get("error") or r.get("note"),
+        }
+        for r in rows
+    ]
+    return [*lines, markdown_table(table, list(table[0]))]
 
 
 def _plan_section(results: dict[str, Any]) -> list[str]:
@@ -252,7 +281,8 @@ def _precision_section(results: dict[str, Any]) -> list[str]:
 
 
 def _markdown(results: dict[str, Any], images: list[str]) -> str:
-    lines = _header(results) + _ptq_section(results) + _plan_section(results) + _bit_curve_section(results)
+    lines = _header(results) + _ptq_section(results) + _deployed_section(results) + _plan_section(results)
+    lines += _bit_curve_section(results)
     lines += _qat_section(results) + _precision_section(results)
     lines += ["## Plots", ""]
     for name in images:

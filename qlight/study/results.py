@@ -62,6 +62,14 @@ def is_mixed(row: dict[str, Any]) -> bool:
     return str(row["recipe"]).startswith("mixed@")
 
 
+def split_deployed(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """PTQ's rows as (each recipe's own row, its rows in other runtimes): a runtime's row repeats the
+    name of a recipe that has an eager row (``int8_static_onnx``, named for its runtime, is its own)."""
+    eager = {r["recipe"] for r in rows if r.get("runtime") in (None, "eager")}
+    deployed = [r for r in rows if r.get("runtime") not in (None, "eager") and r["recipe"] in eager]
+    return [r for r in rows if not any(r is d for d in deployed)], deployed
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The (size, accuracy) points that no smaller-or-equal point beats in accuracy, by size."""
     front: list[tuple[float, float]] = []
@@ -197,7 +205,7 @@ def collect(root: Path, stages: Collection[str] | None = None) -> dict[str, Any]
     """Every number of the study in ``root``, read back from the files its stages wrote: in the stage
     folders named ``stages`` (the study passes those of its configuration), or in every folder."""
     names = _stage_folders(root, stages)
-    ptq = _numeric_csv(root / "ptq" / "results.csv") if "ptq" in names else []
+    ptq, deployed = split_deployed(_numeric_csv(root / "ptq" / "results.csv") if "ptq" in names else [])
     by_name = {r["recipe"]: r for r in ptq if r.get("acc1") is not None}
     fp32 = by_name.get("fp32", {}).get("acc1")
     series = weight_only_series(ptq)
@@ -212,6 +220,7 @@ def collect(root: Path, stages: Collection[str] | None = None) -> dict[str, Any]
         "baseline": _json(root / "baseline" / "baseline.json") if "baseline" in names else None,
         "float_control": _json(root / "qat_fp32" / "summary.json") if "qat_fp32" in names else None,
         "ptq": ptq,
+        "deployed": deployed,
         "fp32_acc1": fp32,
         "bit_curve_model": CURVE_MODEL,
         "bit_curves": {label: _bit_curve(points, fp32) for label, points in series.items()} if fp32 else {},

@@ -110,6 +110,13 @@ def build_parser(data_class_path: str = DEFAULT_DATA) -> ArgumentParser:
     )
     parser.add_argument("--ptq.granularity", type=list[str], default=[DEFAULT_GRANULARITY])
     parser.add_argument("--ptq.calibration_batches", type=int, default=16)
+    parser.add_argument(
+        "--ptq.runtimes",
+        type=list[str],
+        default=["eager"],
+        help="where each PTQ recipe also runs, a row each, for the report's Deployed table: eager, onnxruntime "
+        "(needs the onnx extra), inductor (see PostTrainingQuantization)",
+    )
     parser.add_argument("--qat.bits", type=list[int], default=[8, 4, 3, 2])
     parser.add_argument(
         "--qat.plans",
@@ -646,6 +653,7 @@ class Study:
             run_on=["test"],
             calibration_batches=ptq.calibration_batches,
             output_dir=str(self.dir / "ptq"),
+            runtimes=ptq.runtimes,
             **self._keep(),
         )
 

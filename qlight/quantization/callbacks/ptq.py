@@ -22,6 +22,14 @@ from typing_extensions import override
 
 from qlight.errors import QlightError, QlightWarning
 from qlight.files import LOCK, atomic_write_bytes, atomic_write_text, exclusive_dir
+from qlight.quantization.callbacks.deployment import (
+    ONNX_FILE,
+    WEIGHT_ONLY_ORT_NOTE,
+    EagerResult,
+    check_runtimes,
+    deploy,
+    input_dtype,
+)
 from qlight.quantization.callbacks.sensitivity import write_sensitivity
 from qlight.quantization.grid.intx import Granularity
 from qlight.quantization.io.serialization import quantized_bytes
@@ -51,6 +59,7 @@ from qlight.quantization.recipes.float_cast import FloatCast
 from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.quantization.recipes.plans import average_bits, realised_plan
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
+from qlight.quantization.runtimes.agreement import compare_logits
 from qlight.quantization.runtimes.speed import measure_speed
 from qlight.tables import markdown_table, write_results
 
@@ -65,6 +74,8 @@ COLUMNS = [
     "acc1",
     "acc5",
     "delta_acc1",
+    "agreement",
+    "max_logit_diff",
     "size_bytes",
     "size_mib",
     "compression",
@@ -72,6 +83,7 @@ COLUMNS = [
     "quantized_params",
     "kept_float",
     "images_per_s",
+    "speedup",
     "latency_ms",
     "spread_pct",
     "device",
@@ -88,7 +100,7 @@ class PostTrainingQuantization(Callback):
 
     Works with any LightningModule whose ``forward(x)`` returns class logits and whose test batches
     are ``(inputs, targets)``. For every recipe it writes ``<output_dir>/<recipe>.pt`` (``.pt2`` for
-    static recipes, ``.onnx`` for those run by ONNX Runtime; load any with
+    static recipes, ``.onnx`` for those run by ONNX Runtime (``runtimes``); load any with
     :func:`qlight.load_quantized`), writes ``results.csv`` and ``results.md``, and logs the table as
     text (``ptq/results``) and top-1 as scalars: uniform weight-only recipes as one chart per
     granularity and method with the bits as its step (``ptq/acc1_vs_bits/per_channel_rtn``), the
@@ -100,9 +112,9 @@ class PostTrainingQuantization(Callback):
         recipes: names from :func:`qlight.quantization.valid_recipe_names`: ``fp32``, ``fp16``,
             ``bf16``, ``int2``..``int8`` (weight-only), ``int8_static``, ``w4a8_static`` (PT2E graphs
             that run on the CPU; with ``_inductor`` compiled to int8 kernels, with ``_onnx`` exported
-            to ONNX Runtime). A weight-only name may name its methods
-            (``int3+gptq+bn_reestimation+bias_correction``) and end in ``@per_channel`` or
-            ``@per_kernel_position``.
+            to ONNX Runtime: the older spelling of ``runtimes``, without its agreement columns). A
+            weight-only name may name its methods (``int3+gptq+bn_reestimation+bias_correction``) and
+            end in ``@per_channel`` or ``@per_kernel_position``.
         granularity: which weights share a scale in weight-only recipes without a suffix:
             ``per_channel`` (one scale per output channel; over in x kh x kw on a conv) or
             ``per_kernel_position`` (one per output channel and kernel position); a list runs each.
@@ -127,6 +139,12 @@ class PostTrainingQuantization(Callback):
             its speed); 0 skips the measurement.
         speed_recipes: time only these recipes (names as given in ``recipes``, or the names of their
             rows); ``None`` times every one.
+        runtimes: where each recipe runs, a row each: ``eager`` (PyTorch, always run: the reference),
+            ``onnxruntime`` (every recipe, exported to ``<recipe>.onnx``; needs the ``onnx`` extra) and
+            ``inductor`` (the static recipes and fp32, compiled; it shares the eager row's file). A
+            runtime's row adds ``agreement`` (% of test images predicted as the eager model does; a
+            warning below 99.5%) and ``max_logit_diff``; ``speedup`` is images/s over fp32's in the same
+            runtime. A model that cannot run in a runtime records the reason in that row's ``error``.
 
     A row's ``recipe`` is the recipe's own name and ``requested`` the name it was asked for by
     (``int3@per_channel`` runs as ``int3``, the default granularity). A row's ``note`` says what the
@@ -171,7 +189,9 @@ class PostTrainingQuantization(Callback):
         save_models: bool = True,
         speed_repeats: int = 5,
         speed_recipes: Sequence[str] | None = None,
+        runtimes: Sequence[str] = ("eager",),
     ) -> None:
+        self.runtimes = check_runtimes(runtimes, "PostTrainingQuantization")
         self.recipes: list[Recipe]
         self.requested: dict[str, str]  # each recipe's name -> the name it was asked for by
         self.recipes, self.requested = self._validate(
@@ -285,10 +305,8 @@ class PostTrainingQuantization(Callback):
         with exclusive_dir(out, "PostTrainingQuantization") if trainer.is_global_zero else contextlib.nullcontext():
             self.plans = {}
             rows = []
-            for index, recipe in enumerate(self.recipes, 1):  # a line per recipe: a long sweep shows progress
-                rows.append(self._run_recipe(trainer, pl_module, recipe, inputs))
-                outcome = "failed" if rows[-1].get("error") else f"top-1 {100 * rows[-1]['acc1']:.2f}%"
-                rank_zero_info(f"PTQ {index}/{len(self.recipes)} {recipe.name}: {outcome}, {rows[-1]['seconds']:.1f} s")
+            for index, recipe in enumerate(self.recipes, 1):
+                rows += self._recipe_rows(trainer, pl_module, recipe, inputs, f"{index}/{len(self.recipes)}")
             self.results = _finish_table(rows)
             table = markdown_table(self.results, COLUMNS)
             if trainer.is_global_zero:
@@ -303,11 +321,14 @@ class PostTrainingQuantization(Callback):
         """Top-1 as scalars, uniform weight-only recipes as one chart per granularity and method with
         the bits as its step (not a one-point chart per recipe); the table and plans as text."""
         uniform = {recipe.name for recipe in self.recipes if isinstance(recipe, IntxWeightOnly)}
+        recipe_runtime = {recipe.name: recipe.runtime for recipe in self.recipes}
         others = {}
         for row in self.results:
             if row.get("acc1") is None:
                 continue
-            if row["recipe"] in uniform:
+            if row["runtime"] != recipe_runtime.get(row["recipe"], row["runtime"]):  # a deployed copy's row
+                others[f"ptq/{row['runtime']}/{row['recipe']}/acc1"] = float(row["acc1"])
+            elif row["recipe"] in uniform:
                 series = f"ptq/acc1_vs_bits/{row['granularity']}_{row['method']}"
                 log_to_loggers(trainer, {series: float(row["acc1"])}, step=row["bits"])
             else:
@@ -315,9 +336,25 @@ class PostTrainingQuantization(Callback):
         plans = {f"ptq/plan/{name}": f"```\n{json.dumps(plan, indent=1)}\n```" for name, plan in self.plans.items()}
         log_to_loggers(trainer, others, {"ptq/results": table, **plans})
 
+    def _recipe_rows(
+        self, trainer: Trainer, pl_module: LightningModule, recipe: Recipe, inputs: _RunInputs, progress: str
+    ) -> list[dict[str, Any]]:
+        """The recipe's row and its rows in the other runtimes, a line each: a long sweep shows progress."""
+        row, eager = self._run_recipe(trainer, pl_module, recipe, inputs)
+        rows = [row] + [
+            self._deployed_row(trainer, pl_module, recipe, inputs, row, eager, runtime)
+            for runtime in (self._deploy_runtimes(recipe) if eager is not None else ())
+        ]
+        for done in rows:
+            outcome = "failed" if done.get("error") else f"top-1 {100 * done['acc1']:.2f}%"
+            rank_zero_info(f"PTQ {progress} {recipe.name} ({done['runtime']}): {outcome}, {done['seconds']:.1f} s")
+        return rows
+
     def _run_recipe(
         self, trainer: Trainer, pl_module: LightningModule, recipe: Recipe, inputs: _RunInputs
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], EagerResult | None]:
+        """The recipe's own row and, when other runtimes follow, what their rows are compared with."""
+        eager = None
         start = time.perf_counter()
         row: dict[str, Any] = {
             "recipe": recipe.name,
@@ -343,12 +380,12 @@ class PostTrainingQuantization(Callback):
                 raise FloatingPointError(f"{recipe.method} left NaN or Inf in {', '.join(bad[:3])}")
             loader = dataloader(trainer, pl_module, "test")
             batches = transferred_batches(trainer, pl_module, loader, self.eval_batches, shard=True)
-            accuracy = evaluate(model, ((x.to(device), y.to(device)) for x, y in batches), trainer, recipe.input_dtype)
+            batches = ((x.to(device), y.to(device)) for x, y in batches)
+            keep = len(self._deploy_runtimes(recipe)) > 0
+            accuracy = evaluate(model, batches, trainer, recipe.input_dtype, keep_logits=keep)
             example = inputs.example.to(device)
             payload = quantized_bytes(model, recipe, inputs.targets, inputs.source, example)
-            if self.save_models and trainer.is_global_zero:
-                atomic_write_bytes(inputs.out / f"{recipe.name}{recipe.suffix}", payload)
-                inputs.written.add(f"{recipe.name}{recipe.suffix}")
+            self._save(trainer, inputs, f"{recipe.name}{recipe.suffix}", payload)
             if isinstance(recipe, MixedPrecision):
                 row["bits"] = round(average_bits(model), 3)
                 self._write_plan(trainer, recipe, model, inputs.calibration_on(device), inputs)
@@ -356,14 +393,74 @@ class PostTrainingQuantization(Callback):
             row.update(_quantized_counts(model, recipe))
             if not recipe.static and not isinstance(recipe, FloatCast):  # also what the recipe could not group
                 row["kept_float"] = ", ".join(_float_layers(model, inputs.source))
-            timed = self.speed_recipes is None or {recipe.name, row["requested"]} & self.speed_recipes
-            if self.speed_repeats and timed:
+            if self._timed(row):
                 row.update(vars(measure_speed(model, example.to(recipe.input_dtype), self.speed_repeats)))
+            if accuracy.logits is not None:
+                eager = EagerResult(model, accuracy.logits, example)
         except QlightError:
             raise
         except Exception as err:  # one failing recipe must not lose the others
             rank_zero_warn(f"PTQ {recipe.name} failed: {type(err).__name__}: {err}")
             row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+            rank_zero_info(traceback.format_exc())
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        return row, eager
+
+    def _deploy_runtimes(self, recipe: Recipe) -> list[str]:
+        """The runtimes besides eager PyTorch that ``recipe`` runs in: ONNX Runtime runs every recipe,
+        Inductor the static graphs (its x86 int8 lowering) and fp32 (what they are compared with). A
+        recipe named for its runtime (``int8_static_onnx``) is already deployed: none."""
+        if recipe.runtime != "eager":
+            return []
+        return [r for r in self.runtimes[1:] if r != "inductor" or recipe.static or recipe.name == "fp32"]
+
+    def _timed(self, row: dict[str, Any]) -> bool:
+        listed = self.speed_recipes is None or {row["recipe"], row["requested"]} & self.speed_recipes
+        return bool(self.speed_repeats and listed)
+
+    def _save(self, trainer: Trainer, inputs: _RunInputs, name: str, payload: bytes) -> None:
+        if self.save_models and trainer.is_global_zero:
+            atomic_write_bytes(inputs.out / name, payload)
+            inputs.written.add(name)
+
+    def _deployed_row(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        recipe: Recipe,
+        inputs: _RunInputs,
+        eager_row: dict[str, Any],
+        eager: EagerResult,
+        runtime: str,
+    ) -> dict[str, Any]:
+        """The row of the eager model run in ``runtime``: its top-1, agreement with the eager model's
+        predictions, file size and speed; what cannot run there records the reason in ``error``."""
+        start = time.perf_counter()
+        row = {key: eager_row.get(key) for key in _DESCRIPTION} | {"runtime": runtime}
+        try:
+            deployed, payload = deploy(eager.model, runtime, eager.example)
+            row["quantize_seconds"] = round(time.perf_counter() - start, 2)
+            dtype, device = input_dtype(deployed, recipe.input_dtype), eager.example.device
+            loader = dataloader(trainer, pl_module, "test")
+            batches = transferred_batches(trainer, pl_module, loader, self.eval_batches, shard=True)
+            batches = ((x.to(device), y.to(device)) for x, y in batches)
+            accuracy = evaluate(deployed, batches, trainer, dtype, keep_logits=True)
+            agreement = compare_logits(eager.logits, accuracy.logits, trainer.strategy.all_gather)
+            row.update(acc1=accuracy.acc1, acc5=accuracy.acc5, agreement=agreement.agreement)
+            row.update(max_logit_diff=agreement.max_logit_diff, size_bytes=eager_row.get("size_bytes"))
+            if payload is not None:
+                row["size_bytes"] = len(payload)
+                self._save(trainer, inputs, f"{recipe.name}{ONNX_FILE[runtime]}", payload)
+            warning = agreement.warning(f"PTQ {recipe.name} in {runtime}")
+            if warning:
+                rank_zero_warn(warning)
+            weight_only = runtime == "onnxruntime" and not recipe.static and not isinstance(recipe, FloatCast)
+            row["note"] = "; ".join(n for n in (warning, WEIGHT_ONLY_ORT_NOTE if weight_only else None) if n)
+            if self._timed(row):
+                row.update(vars(measure_speed(deployed, eager.example.to(dtype), self.speed_repeats)))
+        except Exception as err:  # what one runtime cannot run must not lose the other rows
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+            rank_zero_warn(f"PTQ {recipe.name} in {runtime} failed: {row['error']}")
             rank_zero_info(traceback.format_exc())
         row["seconds"] = round(time.perf_counter() - start, 2)
         return row
@@ -384,6 +481,20 @@ class PostTrainingQuantization(Callback):
             title = f"{recipe.name}: KL divergence from fp32 (log)"
             stem, tag = inputs.out / f"{recipe.name}.sensitivity", f"ptq/sensitivity/{recipe.name}"
             write_sensitivity(trainer, rows, stem, tag, title, chosen=self.plans[recipe.name])
+
+
+# The columns a runtime's row takes from the eager row of its recipe: what was quantized, and how.
+_DESCRIPTION = (
+    "recipe",
+    "requested",
+    "bits",
+    "granularity",
+    "method",
+    "calibration_batches",
+    "kept_float",
+    "quantized_modules",
+    "quantized_params",
+)
 
 
 def _replace_manifest(out: Path, written: set[str]) -> None:
@@ -495,9 +606,12 @@ def _float_layers(model: nn.Module, source: nn.Module) -> list[str]:
 
 def _finish_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     reference = next((r for r in rows if r["recipe"] == "fp32" and "acc1" in r), None)
+    fp32_speed = {r["runtime"]: r["images_per_s"] for r in rows if r["recipe"] == "fp32" and r.get("images_per_s")}
     for row in rows:
-        if "size_bytes" in row:
+        if row.get("size_bytes") is not None:
             row["size_mib"] = row["size_bytes"] / 2**20
+        if row.get("images_per_s") and row["runtime"] in fp32_speed:  # against fp32 in the same runtime
+            row["speedup"] = row["images_per_s"] / fp32_speed[row["runtime"]]
         if reference is not None and "acc1" in row:
             row["delta_acc1"] = row["acc1"] - reference["acc1"]
             row["compression"] = reference["size_bytes"] / row["size_bytes"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes
+from qlight.quantization.callbacks.deployment import QAT_RUNTIMES, check_runtimes, deploy_converted
 from qlight.quantization.grid.intx import MAX_BITS, MIN_BITS, Granularity, groupable, intx_from_codes, set_weight
 from qlight.quantization.io.serialization import quantized_bytes
 from qlight.quantization.lightning_plumbing import (
@@ -91,6 +92,9 @@ class QuantizationAwareTraining(QATResults):
         eval_split: the split evaluated each epoch, ``val`` (default) or ``test`` (to compare with
             PTQ, which reports test accuracy).
         output_dir: where files go; default ``<log_dir>/qat``.
+        runtimes: where the converted model runs, a ``converted`` row each: ``eager`` (PyTorch, always)
+            and ``onnxruntime`` (also written to ``<output_dir>/model.onnx``; needs the ``onnx`` extra),
+            whose row adds its ``agreement`` with the eager model's predictions (a warning below 99.5%).
 
     Raises:
         QlightError: for arguments out of range, when the module has nothing to quantize or holds
@@ -131,6 +135,7 @@ class QuantizationAwareTraining(QATResults):
         eval_every_epoch: bool = True,
         eval_split: Literal["val", "test"] = "val",
         output_dir: str | None = None,
+        runtimes: Sequence[str] = ("eager",),
     ) -> None:
         self._validate(weight_bits, granularity, activation_bits, start_epoch, freeze_bn_epoch, eval_split)
         if (keep_first or keep_last) and not isinstance(weight_bits, int):
@@ -147,7 +152,8 @@ class QuantizationAwareTraining(QATResults):
         self.keep_first = keep_first
         self.keep_last = keep_last
         self.baseline_ckpt = baseline_ckpt
-        super().__init__(eval_every_epoch, eval_split, output_dir)
+        runtimes = check_runtimes(runtimes, "QuantizationAwareTraining", QAT_RUNTIMES)
+        super().__init__(eval_every_epoch, eval_split, output_dir, runtimes)
 
     @staticmethod
     def _validate(
@@ -249,9 +255,12 @@ class QuantizationAwareTraining(QATResults):
         example = example_input(trainer, pl_module)
         targets = self._targets(pl_module)
         kept = float_modules(pl_module, targets)
-        extra = {"kept_float": ", ".join(kept), **vars(measure_speed(converted, example))}
-        row = self._record(trainer, pl_module, converted, "test", trainer.current_epoch, "converted", extra)
         payload = quantized_bytes(converted, self.recipe, targets, pl_module, example)
+        extra = {"runtime": "eager", "size_bytes": len(payload), "kept_float": ", ".join(kept)}
+        extra.update(vars(measure_speed(converted, example)))
+        epoch, keep = trainer.current_epoch, len(self.runtimes) > 1
+        eager = self._record(trainer, pl_module, converted, "test", epoch, "converted", extra, None, keep_logits=keep)
+        row = eager[0]
         if trainer.is_global_zero:
             path = self._out(trainer) / "model.pt"
             atomic_write_bytes(path, payload)
@@ -260,6 +269,7 @@ class QuantizationAwareTraining(QATResults):
                 f"QAT {self.recipe.name}: converted test top-1 {100 * row['acc1']:.2f}%, {mib:.2f} MiB -> {path}"
             )
         log_to_loggers(trainer, {"qat/size_mib": len(payload) / 2**20})
+        deploy_converted(self, trainer, pl_module, converted, example, eager)
         trainer.strategy.barrier("qlight_qat")
 
     def convert(self, pl_module: LightningModule) -> nn.Module:

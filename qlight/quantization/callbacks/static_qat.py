@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from qlight.errors import QlightError
 from qlight.files import atomic_write_bytes
+from qlight.quantization.callbacks.deployment import QAT_RUNTIMES, check_runtimes, deploy_converted
 from qlight.quantization.callbacks.qat import QuantizationAwareTraining
 from qlight.quantization.io.serialization import quantized_bytes
 from qlight.quantization.lightning_plumbing import (
@@ -82,6 +83,9 @@ class StaticQuantizationAwareTraining(QATResults):
         eval_every_epoch: evaluate the fake-quantized model after each training epoch.
         eval_split: the split evaluated each epoch, ``val`` (default) or ``test``.
         output_dir: where files go; default ``<log_dir>/qat``.
+        runtimes: where the converted model runs, a ``converted`` row each: ``eager`` (PyTorch, always)
+            and ``onnxruntime`` (also written to ``<output_dir>/model.onnx``; needs the ``onnx`` extra),
+            whose row adds its ``agreement`` with the eager model's predictions (a warning below 99.5%).
 
     Raises:
         QlightError: for arguments out of range, a ``network`` that is missing or cannot be exported
@@ -122,6 +126,7 @@ class StaticQuantizationAwareTraining(QATResults):
         eval_every_epoch: bool = True,
         eval_split: Literal["val", "test"] = "val",
         output_dir: str | None = None,
+        runtimes: Sequence[str] = ("eager",),
     ) -> None:
         self._validate(weight_bits, network, freeze_observer_epoch, freeze_bn_epoch, eval_split)
         self.weight_bits = weight_bits
@@ -132,7 +137,8 @@ class StaticQuantizationAwareTraining(QATResults):
         self.keep_last = keep_last
         self.baseline_ckpt = baseline_ckpt
         self._kept: list[str] = []  # the layers left in float, named when the network is prepared
-        super().__init__(eval_every_epoch, eval_split, output_dir)
+        runtimes = check_runtimes(runtimes, "StaticQuantizationAwareTraining", QAT_RUNTIMES)
+        super().__init__(eval_every_epoch, eval_split, output_dir, runtimes)
 
     @staticmethod
     def _validate(
@@ -271,16 +277,19 @@ class StaticQuantizationAwareTraining(QATResults):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         deployed = self.convert(pl_module)
         example = example_input(trainer, pl_module).to(_CPU)
-        extra = {"kept_float": ", ".join(self._kept), **vars(measure_speed(deployed, example))}
-        epoch = trainer.current_epoch
-        row = self._record(trainer, pl_module, deployed, "test", epoch, "converted", extra, device=_CPU)
         payload = quantized_bytes(deployed, self.recipe, [], pl_module, example)
+        extra = {"runtime": "eager", "size_bytes": len(payload), "kept_float": ", ".join(self._kept)}
+        extra.update(vars(measure_speed(deployed, example)))
+        epoch, keep = trainer.current_epoch, len(self.runtimes) > 1
+        eager = self._record(trainer, pl_module, deployed, "test", epoch, "converted", extra, _CPU, keep_logits=keep)
+        row = eager[0]
         if trainer.is_global_zero:
             path = self._out(trainer) / "model.pt2"
             atomic_write_bytes(path, payload)
             summary = f"converted test top-1 {100 * row['acc1']:.2f}%, {len(payload) / 2**20:.2f} MiB -> {path}"
             rank_zero_info(f"Static QAT {self.recipe.name}: {summary}")
         log_to_loggers(trainer, {"qat/size_mib": len(payload) / 2**20})
+        deploy_converted(self, trainer, pl_module, deployed, example, eager, _CPU)
         trainer.strategy.barrier("qlight_static_qat")
 
     def convert(self, pl_module: LightningModule) -> LightningModule:

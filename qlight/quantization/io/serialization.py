@@ -116,7 +116,8 @@ def quantized_bytes(
 ) -> bytes:
     """Serialize ``model``, the result of applying ``recipe`` to ``targets`` of ``source``.
 
-    ``example_input`` is only used to export the graph of static recipes.
+    ``example_input`` exports the graph of static recipes; a ``.pt`` keeps its per-image shape, which
+    the ``export`` command needs to trace the model.
     """
     buffer = io.BytesIO()
     if isinstance(model, OnnxRuntimeModule):
@@ -133,6 +134,7 @@ def quantized_bytes(
         "model": _model_spec(source),
         "targets": list(targets),
         "state_dict": _pack_state(model.state_dict()),
+        "input_shape": list(example_input.shape[1:]),
     }
     torch.save(payload, buffer)  # a per-layer plan is its packed weights' bits: not stored twice
     return buffer.getvalue()

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import override
 
 from qlight.errors import QlightError
@@ -22,6 +23,7 @@ from qlight.quantization.lightning_plumbing import (
     output_dir,
     transferred_batches,
 )
+from qlight.quantization.runtimes.agreement import compare_logits
 from qlight.tables import write_results
 
 COLUMNS = [
@@ -30,12 +32,18 @@ COLUMNS = [
     "fake_quant",
     "acc1",
     "acc5",
+    "runtime",
+    "agreement",
+    "max_logit_diff",
+    "size_bytes",
     "kept_float",
     "images_per_s",
     "latency_ms",
     "spread_pct",
     "device",
     "seconds",
+    "note",
+    "error",
 ]
 EVAL_SPLITS = ("val", "test")
 
@@ -48,13 +56,18 @@ def check_eval_split(eval_split: str) -> None:
 class QATResults(Callback):
     """Evaluates the model in training after each epoch (``eval_every_epoch``, on ``eval_split``) and
     the converted model on the test set, as rows of ``<output_dir>/results.csv`` and ``results.md``
-    and as ``qat/acc1``, ``qat/acc5`` (``qat/converted/...``) in the loggers. Rank zero holds
-    ``output_dir`` while fitting, so that a second run cannot interleave its files."""
+    and as ``qat/acc1``, ``qat/acc5`` (``qat/converted/...``) in the loggers; the converted model in
+    each of ``runtimes`` besides eager PyTorch is a further ``converted`` row with its ``agreement``
+    (``qat/converted/<runtime>/...``). Rank zero holds ``output_dir`` while fitting, so that a second
+    run cannot interleave its files."""
 
-    def __init__(self, eval_every_epoch: bool, eval_split: str, output_dir: str | None) -> None:
+    def __init__(
+        self, eval_every_epoch: bool, eval_split: str, output_dir: str | None, runtimes: tuple[str, ...] = ("eager",)
+    ) -> None:
         self.eval_every_epoch = eval_every_epoch
         self.eval_split = eval_split
         self.output_dir = output_dir
+        self.runtimes = runtimes  # checked by the callback; eager first
         self.results: list[dict[str, Any]] = []  # rows of results.csv, restored with checkpoints
         self._writing = contextlib.ExitStack()  # the output folder's lock and load hooks, until teardown
 
@@ -115,24 +128,40 @@ class QATResults(Callback):
         fake_quant: str,
         extra: dict[str, Any] | None = None,
         device: torch.device | None = None,
-    ) -> dict[str, Any]:
+        keep_logits: bool = False,
+        reference: Tensor | None = None,
+    ) -> tuple[dict[str, Any], Tensor | None]:
         """Evaluate ``model`` (on ``device``: default the module's) on ``split``; add its row, with the
-        ``extra`` columns, to the table."""
+        ``extra`` columns, to the table. Returns the row and, with ``keep_logits``, this rank's logits;
+        with ``reference`` (logits of the same images) the row holds the agreement with them."""
         start = time.perf_counter()
         was_training = model.training
         model.eval()
         batches = transferred_batches(trainer, pl_module, dataloader(trainer, pl_module, split), shard=True)
         if device is not None:
             batches = ((x.to(device), y.to(device)) for x, y in batches)
-        accuracy = evaluate(model, batches, trainer)
+        accuracy = evaluate(model, batches, trainer, keep_logits=keep_logits or reference is not None)
         model.train(was_training)
         row = {"epoch": epoch, "split": split, "fake_quant": fake_quant, "acc1": accuracy.acc1, "acc5": accuracy.acc5}
-        row.update(extra or {}, seconds=round(time.perf_counter() - start, 2))
-        self.results.append(row)
+        row.update(extra or {})
+        if reference is not None:
+            agreement = compare_logits(reference, accuracy.logits, trainer.strategy.all_gather)
+            row.update(agreement=agreement.agreement, max_logit_diff=agreement.max_logit_diff)
+            row["note"] = agreement.warning(f"{self.title} in {row.get('runtime')}") or ""
+            if row["note"]:
+                rank_zero_warn(row["note"])
+        row["seconds"] = round(time.perf_counter() - start, 2)
         converted = fake_quant == "converted"
         prefix = "qat/converted" if converted else "qat"
+        if row.get("runtime", "eager") != "eager":
+            prefix += f"/{row['runtime']}"
         metrics = {f"{prefix}/acc1": accuracy.acc1, f"{prefix}/acc5": accuracy.acc5}
         log_to_loggers(trainer, metrics, step=None if converted else epoch)
+        self.add_row(trainer, row)
+        return row, accuracy.logits
+
+    def add_row(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """Append ``row`` to the table and rewrite its files."""
+        self.results.append(row)
         if trainer.is_global_zero:
             write_results(self._out(trainer), self.title, self.results, COLUMNS)
-        return row
