@@ -116,7 +116,10 @@ def test_the_study_under_ddp_gives_the_ptq_table_of_one_process(user_study, tmp_
 
     def table(folder):
         keep = ("recipe", "bits", "acc1", "acc5", "size_bytes", "quantized_params", "kept_float", "note", "error")
-        return [{k: row[k] for k in keep} for row in read_csv(tmp_path / folder / "ptq" / "results.csv")]
+        rows = [{k: row[k] for k in keep} for row in read_csv(tmp_path / folder / "ptq" / "results.csv")]
+        # A .pt2's deflated graph JSON holds Python ids (nn_module_stack) and a random serialization id:
+        # its size differs by a few bytes between processes. Its graph is compared by accuracy.
+        return [{**row, "size_bytes": None} if row["recipe"] == "int8_static" else row for row in rows]
 
     assert table("two") == table("one") and len(table("one")) == 8
     assert json.loads((tmp_path / "two" / "errors.json").read_text()) == {}
