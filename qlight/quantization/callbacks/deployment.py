@@ -19,12 +19,12 @@ from qlight.files import atomic_write_bytes
 from qlight.quantization.io.onnx_export import onnx_bytes
 from qlight.quantization.qat.results import QATResults
 from qlight.quantization.runtimes.inductor import InductorGraph
-from qlight.quantization.runtimes.ort import OnnxRuntimeModule
+from qlight.quantization.runtimes.ort import ONNX_HINT, OnnxRuntimeModule
 from qlight.quantization.runtimes.speed import measure_speed
 
 RUNTIMES = ("eager", "onnxruntime", "inductor")
 QAT_RUNTIMES = ("eager", "onnxruntime")  # what the QAT callbacks' converted models run in
-ONNX_EXTRA = 'pip install "qlight[onnx]"'
+
 ONNX_FILE = {"onnxruntime": ".onnx"}  # the file a runtime's row writes; Inductor compiles the saved graph
 # Measured (README "Deploy"): OnnxRuntimeModule has ONNX Runtime fold the DequantizeLinear of the
 # weights at session load, so the float kernels run with float weights in memory.
@@ -45,7 +45,7 @@ def check_runtimes(runtimes: Sequence[str], who: str, valid: Sequence[str] = RUN
     if "onnxruntime" in given:
         missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _importable(name)]
         if missing:
-            raise QlightError(f"{who} runtimes=onnxruntime needs {', '.join(missing)}: {ONNX_EXTRA}")
+            raise QlightError(f"{who} runtimes=onnxruntime needs {', '.join(missing)}: {ONNX_HINT}")
     return tuple(dict.fromkeys(("eager", *given)))
 
 
