@@ -76,13 +76,21 @@ def fitted(tmp_path_factory, digits_checkpoint):
     torch.save({"state_dict": classifier(float_net).state_dict()}, baseline)
     torch.manual_seed(0)
     qat = StaticQuantizationAwareTraining(
-        freeze_observer_epoch=1, baseline_ckpt=str(baseline), eval_split="test", output_dir=str(root / "qat")
+        freeze_observer_epoch=1,
+        baseline_ckpt=str(baseline),
+        eval_split="test",
+        output_dir=str(root / "qat"),
+        runtimes=["onnxruntime"],
     )
     checkpoints = ModelCheckpoint(root / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     probe = PhaseProbe()
     model = classifier()
     trainer(root, [qat, probe, checkpoints], max_epochs=2).fit(model, DigitsData(shuffle=False))
     return SimpleNamespace(root=root, qat=qat, model=model, probe=probe, last=root / "ckpt" / "epoch=1.ckpt")
+
+
+def eager_rows(qat: StaticQuantizationAwareTraining) -> list[dict]:
+    return [row for row in qat.results if row.get("runtime") != "onnxruntime"]
 
 
 def test_the_graph_trains_and_evaluates_as_lightning_switches_it(fitted):
@@ -94,11 +102,21 @@ def test_the_graph_trains_and_evaluates_as_lightning_switches_it(fitted):
     }
 
 
+def test_the_w8a8_graph_runs_in_onnx_runtime_as_in_pytorch(fitted):
+    eager, onnx = [r for r in read_csv(fitted.root / "qat" / "results.csv") if r["fake_quant"] == "converted"]
+    assert (eager["runtime"], onnx["runtime"], onnx["error"]) == ("eager", "onnxruntime", "")
+    assert int(onnx["size_bytes"]) == (fitted.root / "qat" / "model.onnx").stat().st_size
+    # ONNX Runtime runs its own int8 kernels (they differ between CPUs): within two test images.
+    images = len(DigitsData().test_data)
+    assert abs(float(onnx["acc1"]) - float(eager["acc1"])) * images <= 2 + 1e-6
+    assert float(onnx["agreement"]) >= 100 * (1 - 2 / images)
+
+
 def test_w8a8_qat_matches_ptq_and_its_folded_int8_graph_agrees_with_training(fitted, digits_checkpoint, tmp_path):
     ptq = PostTrainingQuantization(recipes=["int8_static"], output_dir=str(tmp_path), speed_repeats=0)
     trainer(tmp_path, [ptq]).test(DigitsNet.load_from_checkpoint(digits_checkpoint), verbose=False)
     ptq_acc = ptq.results[-1]["acc1"]
-    rows = fitted.qat.results
+    rows = eager_rows(fitted.qat)  # the ONNX Runtime row: the test above
     assert [(r["epoch"], r["split"], r["fake_quant"]) for r in rows] == [
         (0, "test", "on"),
         (1, "test", "on"),
@@ -110,7 +128,7 @@ def test_w8a8_qat_matches_ptq_and_its_folded_int8_graph_agrees_with_training(fit
     assert converted["acc1"] >= ptq_acc - 2 / len(digits_test_set()[1]), (converted, ptq_acc)
     assert converted["images_per_s"] > 0 and converted["latency_ms"] > 0 and converted["device"].startswith("cpu")
     table = read_csv(fitted.root / "qat" / "results.csv")
-    assert list(table[0]) == COLUMNS and len(table) == 3
+    assert list(table[0]) == COLUMNS and len(table) == 4
 
     graph = load_quantized(fitted.root / "qat" / "model.pt2")
     x, y = digits_test_set()
@@ -144,7 +162,7 @@ def test_resume_and_test_from_a_checkpoint_and_refusals_without_the_callback(fit
     expected, state = fitted.model.state_dict(), model.state_dict()
     assert expected.keys() == state.keys() and any("activation_post_process" in key for key in state)
     assert [key for key in expected if not torch.equal(expected[key], state[key])] == []
-    assert [r["acc1"] for r in resumed.results] == [r["acc1"] for r in fitted.qat.results]
+    assert [r["acc1"] for r in resumed.results] == [r["acc1"] for r in eager_rows(fitted.qat)]
     graph = model.model
     tested = resumed_trainer.test(model, DigitsData(), verbose=False)  # the same graph, not prepared again
     assert model.model is graph and abs(tested[0]["test/acc1"] - fitted.qat.results[1]["acc1"]) < 1e-6

@@ -112,12 +112,12 @@ def _model_spec(model: nn.Module) -> dict[str, Any]:
 
 
 def quantized_bytes(
-    model: nn.Module, recipe: Recipe, targets: Sequence[str], source: nn.Module, example_input: Tensor
+    model: nn.Module, recipe: Recipe, targets: Sequence[str], source: nn.Module, example_input: Tensor | None
 ) -> bytes:
     """Serialize ``model``, the result of applying ``recipe`` to ``targets`` of ``source``.
 
-    ``example_input`` exports the graph of static recipes; a ``.pt`` keeps its per-image shape, which
-    the ``export`` command needs to trace the model.
+    ``example_input`` exports the graph of static recipes (which need it); a ``.pt`` keeps its per-image
+    shape, which the ``export`` command needs to trace the model (without it, ``--input_shape``).
     """
     buffer = io.BytesIO()
     if isinstance(model, OnnxRuntimeModule):
@@ -136,7 +136,7 @@ def quantized_bytes(
         "model": _model_spec(source),
         "targets": list(targets),
         "state_dict": _pack_state(model.state_dict()),
-        "input_shape": list(example_input.shape[1:]),
+        "input_shape": None if example_input is None else list(example_input.shape[1:]),
     }
     torch.save(payload, buffer)  # a per-layer plan is its packed weights' bits: not stored twice
     return buffer.getvalue()
