@@ -20,7 +20,7 @@ from torch import nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 from typing_extensions import override
 
-from qlight.errors import QlightError, QlightWarning
+from qlight.errors import QlightError, QlightWarning, UnsupportedByRuntime
 from qlight.files import LOCK, atomic_write_bytes, atomic_write_text, exclusive_dir
 from qlight.quantization.callbacks.deployment import (
     ONNX_FILE,
@@ -461,7 +461,8 @@ class PostTrainingQuantization(Callback):
         except Exception as err:  # what one runtime cannot run must not lose the other rows
             row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
             rank_zero_warn(f"PTQ {recipe.name} in {runtime} failed: {row['error']}")
-            rank_zero_info(traceback.format_exc())
+            if not isinstance(err, UnsupportedByRuntime):
+                rank_zero_info(traceback.format_exc())
         row["seconds"] = round(time.perf_counter() - start, 2)
         return row
 
