@@ -9,6 +9,6 @@ class QlightWarning(UserWarning):
     """Something a result depends on that the user should know; PTQ shows it in the row's ``note``."""
 
 
-class UnsupportedByRuntime(ValueError):
-    """A runtime cannot run this model, for the reason the message gives (a known limit, not a fault):
-    the row records it, and the run goes on without a traceback."""
+class Unsupported(ValueError):
+    """What a recipe or runtime cannot do, for the reason the message gives (a known limit, not a
+    fault): a PTQ row records it, and the run goes on without a traceback."""

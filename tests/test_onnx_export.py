@@ -14,7 +14,7 @@ from onnx import TensorProto, numpy_helper
 
 from qlight import QuantizationAwareTraining, load_quantized
 from qlight.cli import main
-from qlight.errors import UnsupportedByRuntime
+from qlight.errors import Unsupported
 from qlight.quantization.grid.intx import dtype_bits
 from qlight.quantization.io import onnx_export
 from qlight.quantization.io.onnx_export import onnx_bytes
@@ -124,7 +124,7 @@ def test_fp16_exports_and_bf16_says_why_not(digits):
         expected, got = half(x.half()).float(), OnnxRuntimeModule(exported)(x.half()).float()
     assert abs(int((got.argmax(1) == y).sum()) - int((expected.argmax(1) == y).sum())) <= 1
     _, brain = quantized(digits, "bf16")
-    with pytest.raises(UnsupportedByRuntime, match="no bfloat16 Conv: export the fp16 or fp32 model"):
+    with pytest.raises(Unsupported, match="no bfloat16 Conv: export the fp16 or fp32 model"):
         onnx_bytes(brain, x[:4])
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 from typing_extensions import override
 
-from qlight.errors import QlightError, QlightWarning, UnsupportedByRuntime
+from qlight.errors import QlightError, QlightWarning, Unsupported
 from qlight.files import LOCK, atomic_write_bytes, atomic_write_text, exclusive_dir
 from qlight.quantization.callbacks.deployment import (
     ONNX_FILE,
@@ -402,7 +402,8 @@ class PostTrainingQuantization(Callback):
         except Exception as err:  # one failing recipe must not lose the others
             rank_zero_warn(f"PTQ {recipe.name} failed: {type(err).__name__}: {err}")
             row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
-            rank_zero_info(traceback.format_exc())
+            if not isinstance(err, Unsupported):
+                rank_zero_info(traceback.format_exc())
         row["seconds"] = round(time.perf_counter() - start, 2)
         return row, eager
 
@@ -461,7 +462,7 @@ class PostTrainingQuantization(Callback):
         except Exception as err:  # what one runtime cannot run must not lose the other rows
             row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
             rank_zero_warn(f"PTQ {recipe.name} in {runtime} failed: {row['error']}")
-            if not isinstance(err, UnsupportedByRuntime):
+            if not isinstance(err, Unsupported):
                 rank_zero_info(traceback.format_exc())
         row["seconds"] = round(time.perf_counter() - start, 2)
         return row

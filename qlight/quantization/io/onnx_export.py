@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
-from qlight.errors import QlightError, UnsupportedByRuntime
+from qlight.errors import QlightError, Unsupported
 from qlight.quantization.grid.intx import dtype_bits
 from qlight.quantization.runtimes.inductor import InductorGraph
 from qlight.quantization.runtimes.ort import ONNX_HINT, OnnxRuntimeModule, export_onnx
@@ -51,7 +51,7 @@ def onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
 
     Raises:
         QlightError: the ``onnx`` extra is missing.
-        UnsupportedByRuntime: the model holds what ONNX Runtime's CPU provider cannot run (bfloat16).
+        Unsupported: the model holds what ONNX Runtime's CPU provider cannot run (bfloat16).
     """
     if isinstance(model, OnnxRuntimeModule):
         return model.onnx_bytes
@@ -60,7 +60,7 @@ def onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
     onnx = _onnx()
     dtype = float_dtype(model)
     if dtype == torch.bfloat16:
-        raise UnsupportedByRuntime("ONNX Runtime's CPU provider has no bfloat16 Conv: export the fp16 or fp32 model")
+        raise Unsupported("ONNX Runtime's CPU provider has no bfloat16 Conv: export the fp16 or fp32 model")
     example = example.to(dtype)
     if len(example) < 2:  # the exporter specializes a size-1 batch to a constant
         example = example[:1].expand(2, *example.shape[1:]).contiguous()

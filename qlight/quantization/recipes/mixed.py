@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qlight.errors import QlightError
+from qlight.errors import QlightError, Unsupported
 from qlight.quantization.grid.intx import GRANULARITIES, MAX_BITS, MIN_BITS, Granularity, groupable
 from qlight.quantization.grid.sizes import weight_bytes
 from qlight.quantization.methods import remembered
@@ -138,7 +138,7 @@ class MixedPrecision:
         budget = self.budget_bytes(model, targets, layers)
         if sum(min(c.values()) for c in cost.values()) > budget:
             smallest = (self._fixed_bytes(model, targets, layers) + sum(min(c.values()) for c in cost.values())) / 2**20
-            raise ValueError(f"{self.name} cannot be met: the smallest feasible budget is mixed@{_ceil(smallest)}MiB")
+            raise Unsupported(f"{self.name} cannot be met: the smallest feasible budget is mixed@{_ceil(smallest)}MiB")
         damage: dict[str, dict[int, float]] = {}
         for row in self.sensitivity(model, targets, calibration):
             damage.setdefault(row["layer"], {})[row["bits"]] = row["kl"]
