@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import inspect
+import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,11 +83,18 @@ class QlightCLI(LightningCLI):
 
 
 def _qlight_error(err: BaseException) -> QlightError | None:
-    """The QlightError behind ``err``: jsonargparse wraps errors raised while it builds classes."""
+    """The QlightError behind ``err`` (jsonargparse wraps errors raised while it builds classes), or one
+    for a checkpoint that weights-only loading refuses (``--ckpt_path``, read by Lightning)."""
     seen = 0
     while err is not None and seen < 20:
         if isinstance(err, QlightError):
             return err
+        if isinstance(err, pickle.UnpicklingError):
+            unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
+            return QlightError(
+                f"a checkpoint asks to unpickle what weights-only loading refuses "
+                f"({unsafe.group(1) if unsafe else one_line(err)[:200]}): pass a checkpoint that Lightning wrote"
+            )
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None
 

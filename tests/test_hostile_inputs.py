@@ -192,6 +192,23 @@ def test_trainer_and_model_settings_lightning_refuses_are_one_line(tmp_path, cap
     assert message in _one_error_line(capsys)
 
 
+class _Marker:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_checkpoint_that_asks_to_run_code_is_one_line_and_runs_nothing(tmp_path, capsys):
+    marker, checkpoint = tmp_path / "ran", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Marker(marker)}, checkpoint)
+    assert _exit_code(["test", *SYNTHETIC, "--data.batch_size=2", f"--ckpt_path={checkpoint}"]) == 2
+    line = _one_error_line(capsys)
+    assert "a checkpoint asks to unpickle what weights-only loading refuses" in line and "posix.system" in line
+    assert not marker.exists()
+
+
 def test_settings_of_another_datamodule_are_one_line(tmp_path, capsys):
     smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
     args = ["fit", "--config", str(smoke), "--data", "ImageFolderDataModule", f"--data.root={tmp_path}"]
