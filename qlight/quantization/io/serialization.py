@@ -159,8 +159,10 @@ def _deflate_json(archive: bytes) -> bytes:
 
 
 @register_saved_bytes
-def _weight_only_file_bytes(model: nn.Module, recipe: Recipe, targets: Sequence[str], source: nn.Module) -> int:
-    return len(quantized_bytes(model, recipe, targets, source, torch.empty(0)))
+def _weight_only_file_bytes(
+    model: nn.Module, recipe: Recipe, targets: Sequence[str], source: nn.Module, example: Tensor | None
+) -> int:
+    return len(quantized_bytes(model, recipe, targets, source, example))
 
 
 def _model_class(class_path: Any, trusted_modules: Sequence[str], where: str) -> Any:

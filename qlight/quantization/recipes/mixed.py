@@ -41,9 +41,10 @@ CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
 MIXED_NAME = re.compile(r"mixed@(\d+(?:\.\d+)?(?:MiB)?|.+?\.json)((?:\+\w+)*)(?:@(\w+))?")
 ALIGNMENT = 64  # torch.save starts every tensor record at a multiple of 64 bytes
 
-# The bytes of a saved model (quantized, recipe, targets, source), registered by the file format
-# (``io/serialization``): recipes stand below the files that record them and cannot import them.
-SavedBytes = Callable[[nn.Module, Recipe, Sequence[str], nn.Module], int]
+# The bytes of a saved model (quantized, recipe, targets, source, an input batch: the file records its
+# shape), registered by the file format (``io/serialization``): recipes stand below the files that
+# record them and cannot import them.
+SavedBytes = Callable[[nn.Module, Recipe, Sequence[str], nn.Module, "Tensor | None"], int]
 _saved_bytes: list[SavedBytes] = []
 
 
@@ -61,9 +62,9 @@ class MixedPrecision:
     budget (an exact knapsack over the bytes each layer takes in qlight's files).
 
     Args:
-        budget: ``"3"`` (average bits per quantized weight: the saved file at most uniform int3's;
-            above 2), ``"1.5MiB"`` (the saved file's size) or a plan file ``"plan.json"`` (layer -> bits, used
-            as it is; layers it leaves out stay float).
+        budget: ``"3"`` (average bits per quantized weight, strictly between 2 and 8: the saved file at
+            most uniform int3's), ``"1.5MiB"`` (the saved file's size) or a plan file ``"plan.json"``
+            (layer -> bits, used as it is; layers it leaves out stay float).
         base: the rounding, grouping and corrections every layer gets (its ``bits`` is not used).
     """
 
@@ -104,6 +105,11 @@ class MixedPrecision:
         (there every layer gets the same bits: a uniform recipe), before any model or data is seen."""
         if self.plan_file is not None:
             read_plan(self.plan_file)
+        elif not self.budget.endswith("MiB") and float(self.budget) < MIN_BITS:
+            raise QlightError(
+                f"{self.name}: a budget below {MIN_BITS} bits cannot be met (every layer takes at least "
+                f"{MIN_BITS}): give one between {MIN_BITS} and {MAX_BITS} bits"
+            )
         elif not self.budget.endswith("MiB") and not MIN_BITS < float(self.budget) < MAX_BITS:
             edge, side = (MIN_BITS, "below") if float(self.budget) <= MIN_BITS else (MAX_BITS, "above")
             raise QlightError(
@@ -135,9 +141,11 @@ class MixedPrecision:
             }
             for name in layers
         }
-        budget = self.budget_bytes(model, targets, layers)
+        example = calibration[0] if calibration else None
+        budget = self.budget_bytes(model, targets, layers, example)
         if sum(min(c.values()) for c in cost.values()) > budget:
-            smallest = (self._fixed_bytes(model, targets, layers) + sum(min(c.values()) for c in cost.values())) / 2**20
+            fixed = self._fixed_bytes(model, targets, layers, example)
+            smallest = (fixed + sum(min(c.values()) for c in cost.values())) / 2**20
             raise Unsupported(f"{self.name} cannot be met: the smallest feasible budget is mixed@{_ceil(smallest)}MiB")
         damage: dict[str, dict[int, float]] = {}
         for row in self.sensitivity(model, targets, calibration):
@@ -181,35 +189,42 @@ class MixedPrecision:
             ),
         )
 
-    def budget_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str]) -> int:
+    def budget_bytes(
+        self, model: nn.Module, targets: Sequence[str], layers: Sequence[str], example: Tensor | None = None
+    ) -> int:
         """What the quantized layers' codes and scales may take in total, in bytes, so that the saved file
         is within the budget: a MiB budget bounds the whole file, ``mixed@3`` the file of uniform int3
-        (``mixed@2.5``: of uniform int2, with its layers' codes at 2.5 bits)."""
+        (``mixed@2.5``: of uniform int2, with its layers' codes at 2.5 bits). ``example``: an input batch,
+        whose shape the file records."""
         if self.budget.endswith("MiB"):
             limit = int(float(self.budget[:-3]) * 2**20)
         else:
             bits = float(self.budget)
             uniform = dataclasses.replace(self.base, bits=math.floor(bits))
             limit = (
-                self._measured_bytes(model, targets, layers, uniform)
+                self._measured_bytes(model, targets, layers, uniform, example)
                 - self._layer_bytes(model, layers, uniform.bits)
                 + self._layer_bytes(model, layers, bits)
             )
-        return limit - self._fixed_bytes(model, targets, layers)
+        return limit - self._fixed_bytes(model, targets, layers, example)
 
     def _layer_bytes(self, model: nn.Module, layers: Sequence[str], bits: float) -> int:
         return sum(weight_bytes(model.get_submodule(name).weight.shape, bits, self.granularity) for name in layers)
 
-    def _measured_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str], recipe: Recipe) -> int:
+    def _measured_bytes(
+        self, model: nn.Module, targets: Sequence[str], layers: Sequence[str], recipe: Recipe, example: Tensor | None
+    ) -> int:
         """The bytes of ``model`` saved as ``recipe`` with every layer at ``recipe.bits``, as the file
         format counts them (rounding and corrections change no size: a copy is rounded to nearest)."""
         if not _saved_bytes:
             raise RuntimeError("no file format registered its sizes: import qlight.quantization first")
         plan = dict.fromkeys(layers, recipe.bits)
         copied = IntxWeightOnly(recipe.bits, self.granularity).quantize_plan(copy.deepcopy(model), targets, plan)
-        return _saved_bytes[0](copied, recipe, targets, model)
+        return _saved_bytes[0](copied, recipe, targets, model, example)
 
-    def _fixed_bytes(self, model: nn.Module, targets: Sequence[str], layers: Sequence[str]) -> int:
+    def _fixed_bytes(
+        self, model: nn.Module, targets: Sequence[str], layers: Sequence[str], example: Tensor | None
+    ) -> int:
         """The most the file takes besides the quantized layers' codes and scales, whatever the plan.
 
         Measured on a copy with every layer at 8 bits, saved under this recipe's name: a layer's entry
@@ -218,7 +233,7 @@ class MixedPrecision:
         :data:`ALIGNMENT`: fewer codes bytes can end in the same block, so up to one alignment of what
         a plan saves may stay in the file.
         """
-        measured = self._measured_bytes(model, targets, layers, self)  # self.bits: 8
+        measured = self._measured_bytes(model, targets, layers, self, example)  # self.bits: 8
         return measured - self._layer_bytes(model, layers, MAX_BITS) + ALIGNMENT
 
 
