@@ -58,10 +58,12 @@ def onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
     if isinstance(model, InductorGraph):  # compiled for running; its graph is what exports
         model = model.graph
     onnx = _onnx()
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).cpu()  # exported and run on the CPU, as ONNX Runtime's CPU provider runs it
     dtype = float_dtype(model)
     if dtype == torch.bfloat16:
         raise Unsupported("ONNX Runtime's CPU provider has no bfloat16 Conv: export the fp16 or fp32 model")
-    example = example.to(dtype)
+    example = example.to(device="cpu", dtype=dtype)
     if len(example) < 2:  # the exporter specializes a size-1 batch to a constant
         example = example[:1].expand(2, *example.shape[1:]).contiguous()
     weights = {
@@ -120,7 +122,7 @@ def _codes_tensor(name: str, weight: IntxUnpackedToInt8Tensor) -> Any:
     """torchao's codes in the narrowest ONNX integer type, packed little end first as ONNX stores them."""
     from onnx import TensorProto, helper
 
-    codes = weight.qdata.detach().flatten().numpy().astype(np.int8)
+    codes = weight.qdata.detach().cpu().flatten().numpy().astype(np.int8)
     width = storage_bits(dtype_bits(weight.target_dtype))
     kind = {2: TensorProto.INT2, 4: TensorProto.INT4, 8: TensorProto.INT8}[width]
     if width < 8:
@@ -136,7 +138,7 @@ def _store_codes(proto: Any, name: str, weight: IntxUnpackedToInt8Tensor) -> Non
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    initializer = _float_initializer(graph, name, weight.dequantize().detach().numpy())
+    initializer = _float_initializer(graph, name, weight.dequantize().detach().cpu().numpy())
     target = initializer.name
     scale, attributes = _scale_layout(weight)
     codes = _codes_tensor(f"{target}.codes", weight)

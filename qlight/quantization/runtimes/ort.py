@@ -124,7 +124,7 @@ class OnnxRuntimeModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         output = self.session.run(None, {self.input_name: x.detach().cpu().contiguous().numpy()})[0]
-        return torch.from_numpy(output)
+        return torch.from_numpy(output).to(x.device)  # where the caller's targets are (a GPU run's)
 
     def quantized_weight_sizes(self) -> list[int]:
         """Element counts of the int8 constants that the model dequantizes: its quantized weights."""
