@@ -91,10 +91,12 @@ def _qlight_error(err: BaseException) -> QlightError | None:
             return err
         if isinstance(err, pickle.UnpicklingError):
             unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
-            return QlightError(
-                f"a checkpoint asks to unpickle what weights-only loading refuses "
-                f"({unsafe.group(1) if unsafe else one_line(err)[:200]}): pass a checkpoint that Lightning wrote"
-            )
+            if unsafe:
+                return QlightError(
+                    f"a checkpoint asks to unpickle what weights-only loading refuses ({unsafe.group(1)}): pass a "
+                    "checkpoint that Lightning wrote"
+                )
+            return QlightError(f"a checkpoint is not a PyTorch file or is corrupt ({one_line(err)[:200]})")
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None
 
