@@ -109,6 +109,14 @@ def test_16_bit_bmp_and_tiff_images_are_read_as_8_bit_rgb(tmp_path):
     assert (len(deep), len(plain)) == (2, 2)  # 16-bit keeps its top byte, not 255 (clipped)
 
 
+def test_an_animated_image_is_read_as_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (12, 12), color) for color in ((255, 0, 0), (0, 0, 255))]
+    path = tmp_path / "animated.png"  # a GIF under a name the image folder picks up
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:])
+    pixels = image_folder.read_image(path, 8)
+    assert pixels.shape == (3, 8, 8) and pixels[0].float().mean() > 200 and pixels[2].float().mean() < 50
+
+
 def test_unreadable_images_are_one_line_without_torchvision_build_paths(tmp_path):
     root = _folder(tmp_path / "images")
     good = (root / "train" / "a" / "0.png").read_bytes()

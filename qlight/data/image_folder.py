@@ -60,6 +60,7 @@ def read_image(path: Path, image_size: int) -> Tensor:
                 raise Image.DecompressionBombError(f"{width}x{height} pixels")
             if image.format in TORCHVISION_FORMATS:
                 pixels = decode_image(str(path), mode=ImageReadMode.RGB)
+                pixels = pixels[0] if pixels.dim() == 4 else pixels  # an animated GIF: its first frame
             else:
                 pixels = _pillow_pixels(image)
         pixels = F.to_dtype(pixels, torch.uint8, scale=True)
