@@ -3,7 +3,6 @@ measuring how closely its predictions follow the eager model's: what the callbac
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from qlight.files import atomic_write_bytes
 from qlight.quantization.io.onnx_export import onnx_bytes
 from qlight.quantization.qat.results import QATResults
 from qlight.quantization.runtimes.inductor import InductorGraph
-from qlight.quantization.runtimes.ort import ONNX_HINT, OnnxRuntimeModule
+from qlight.quantization.runtimes.ort import ONNX_HINT, OnnxRuntimeModule, require
 from qlight.quantization.runtimes.speed import measure_speed
 
 RUNTIMES = ("eager", "onnxruntime", "inductor")
@@ -51,8 +50,8 @@ def check_runtimes(runtimes: Sequence[str], who: str, valid: Sequence[str] = RUN
 
 def _importable(name: str) -> bool:
     try:
-        importlib.import_module(name)
-    except ImportError:
+        require(name)
+    except QlightError:
         return False
     return True
 

@@ -18,21 +18,13 @@ import torch
 from torch import Tensor, nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
-from qlight.errors import QlightError, Unsupported
+from qlight.errors import Unsupported
 from qlight.quantization.grid.intx import dtype_bits
 from qlight.quantization.runtimes.inductor import InductorGraph
-from qlight.quantization.runtimes.ort import ONNX_HINT, OnnxRuntimeModule, export_onnx
+from qlight.quantization.runtimes.ort import OnnxRuntimeModule, export_onnx, require
 
 # The opset where ONNX Runtime's DequantizeLinear reads a code type (or a blocked scale).
 _OPSET_INT8, _OPSET_INT4, _OPSET_INT2 = 13, 21, 25
-
-
-def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError:
-        raise QlightError(f"onnx is not installed: {ONNX_HINT}") from None
-    return onnx
 
 
 def storage_bits(bits: int) -> int:
@@ -57,7 +49,7 @@ def onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
         return model.onnx_bytes
     if isinstance(model, InductorGraph):  # compiled for running; its graph is what exports
         model = model.graph
-    onnx = _onnx()
+    onnx = require("onnx")
     if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
         model = copy.deepcopy(model).cpu()  # exported and run on the CPU, as ONNX Runtime's CPU provider runs it
     dtype = float_dtype(model)

@@ -3,6 +3,7 @@ of an ``.onnx`` file, and a module that runs one like the PyTorch module it came
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,22 +17,20 @@ from qlight.errors import QlightError
 ONNX_HINT = 'pip install "qlight[onnx]"'
 
 
-def _onnxruntime():
+def require(name: str) -> Any:
+    """The module ``name`` of the ``onnx`` extra (onnx, onnxscript, onnxruntime); one line naming the
+    extra when it is missing."""
     try:
-        import onnxruntime
+        return importlib.import_module(name)
     except ImportError:
-        raise QlightError(f"ONNX Runtime is not installed: {ONNX_HINT}") from None
-    return onnxruntime
+        raise QlightError(f"{name} is not installed: {ONNX_HINT}") from None
 
 
 def export_onnx(model: nn.Module, example: Tensor, optimize: bool = True) -> bytes:
     """The ONNX (QDQ for a PT2E graph) of ``model``, batch dimension dynamic, via ``torch.onnx``'s
     dynamo exporter. Needs the ``onnx`` extra. ``optimize=False`` keeps each parameter as the
     initializer of its name (the optimizer folds BatchNorm into the conv weights before it)."""
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
-    except ImportError:
-        raise QlightError(f"ONNX export needs onnx and onnxscript: {ONNX_HINT}") from None
+    require("onnxscript")  # the dynamo exporter's dependency
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         if isinstance(model, torch.fx.GraphModule):  # an exported graph's mode is in its ops, not its flag
@@ -67,13 +66,10 @@ def _tensors(graph: Any) -> Iterator[Any]:
                 yield from _tensors(subgraph)
 
 
-def check_self_contained(onnx_bytes: bytes, path: Path | str) -> None:
-    """Refuse an ONNX model whose tensors live in external files: ONNX Runtime would read them from
-    paths the file names, relative to the working directory, not the model's folder."""
-    try:
-        import onnx
-    except ImportError:
-        raise QlightError(f"onnx is not installed: {ONNX_HINT}") from None
+def check_self_contained(onnx_bytes: bytes, path: Path | str) -> Any:
+    """The parsed ONNX model, refused when its tensors live in external files: ONNX Runtime would read
+    them from paths the file names, relative to the working directory, not the model's folder."""
+    onnx = require("onnx")
     try:
         model = onnx.load_model_from_string(onnx_bytes)
     except Exception as err:  # protobuf raises its own DecodeError
@@ -84,18 +80,12 @@ def check_self_contained(onnx_bytes: bytes, path: Path | str) -> None:
             f"{path} keeps tensors in external files ({', '.join(external[:3])}); qlight loads self-contained "
             ".onnx files only, as it writes them"
         )
+    return model
 
 
-def _weight_only(onnx_bytes: bytes) -> bool:
-    """Whether the model dequantizes constants (weights) and quantizes no activation."""
-    try:
-        import onnx
-    except ImportError:
-        return False
-    try:
-        ops = {node.op_type for node in onnx.load_model_from_string(onnx_bytes).graph.node}
-    except Exception:  # not ONNX: the session says so in its own error
-        return False
+def _weight_only(model: Any) -> bool:
+    """Whether the ONNX ``model`` dequantizes constants (weights) and quantizes no activation."""
+    ops = {node.op_type for node in model.graph.node}
     return "DequantizeLinear" in ops and "QuantizeLinear" not in ops
 
 
@@ -106,11 +96,11 @@ class OnnxRuntimeModule(nn.Module):
 
     def __init__(self, onnx_bytes: bytes, source: str = "the ONNX model") -> None:
         super().__init__()
-        check_self_contained(onnx_bytes, source)  # also when a file's hyperparameters name this class
-        ort = _onnxruntime()
+        model = check_self_contained(onnx_bytes, source)  # also when a file's hyperparameters name this class
+        ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        if _weight_only(onnx_bytes):
+        if _weight_only(model):
             # ONNX Runtime keeps DequantizeLinear out of constant folding for its QDQ fusions, so a
             # weight-only model would dequantize every weight on every run and lose the Conv+BatchNorm
             # fusion (0.4x fp32 on the digits CNN). With QDQ handling off it folds them once, at load.
