@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from qlight.errors import QlightError
-from qlight.files import atomic_write_bytes, load_torch_file
+from qlight.files import atomic_write_bytes
 from qlight.quantization.io.onnx_export import float_dtype, onnx_bytes
-from qlight.quantization.io.serialization import load_quantized
+from qlight.quantization.io.serialization import from_payload, load_quantized, read_payload
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,13 +46,18 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _saved_input_shape(path: Path, model: nn.Module) -> tuple[int, ...] | None:
-    """The per-image shape the file records: a ``.pt2``'s input placeholder, a ``.pt``'s ``input_shape``."""
-    if path.suffix == ".pt2":
-        inputs = [node.meta.get("val") for node in model.graph.nodes if node.op == "placeholder"]
-        return tuple(int(size) for size in inputs[0].shape[1:]) if inputs and inputs[0] is not None else None
-    shape = load_torch_file(path, "quantized model").get("input_shape")
-    return tuple(shape) if shape else None
+def _load(path: Path, trusted_modules: list[str]) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """The saved model and the per-image shape the file records: a ``.pt``'s ``input_shape`` (read in the
+    same load), a ``.pt2``'s input placeholder; an ``.onnx`` records none that is needed."""
+    if path.suffix in (".pt2", ".onnx"):  # as load_quantized tells them apart: any other name is a .pt
+        model = load_quantized(path, trusted_modules=trusted_modules)
+        inputs = (
+            [n.meta.get("val") for n in model.graph.nodes if n.op == "placeholder"] if path.suffix == ".pt2" else []
+        )
+        return model, tuple(int(size) for size in inputs[0].shape[1:]) if inputs and inputs[0] is not None else None
+    payload = read_payload(path)
+    shape = payload.get("input_shape") if isinstance(payload, dict) else None
+    return from_payload(payload, path, trusted_modules=trusted_modules), tuple(shape) if shape else None
 
 
 def _first_line(err: BaseException) -> str:
@@ -78,12 +83,11 @@ def export_main(argv: list[str]) -> int:
     output = args.output or args.file.with_suffix(".onnx")
     if output.resolve() == args.file.resolve():
         raise QlightError(f"--output {output} is the file being converted: name another path")
-    model = load_quantized(args.file, trusted_modules=args.trusted_modules).eval()
-    shape = _parse_shape(args.input_shape) if args.input_shape else None
+    model, saved_shape = _load(args.file, args.trusted_modules)
+    model = model.eval()
+    shape = _parse_shape(args.input_shape) if args.input_shape else saved_shape
     if shape is None and args.file.suffix != ".onnx":
-        shape = _saved_input_shape(args.file, model)
-        if shape is None:
-            raise QlightError(f"{args.file} does not record its input shape: pass --input_shape, e.g. 3,32,32")
+        raise QlightError(f"{args.file} does not record its input shape: pass --input_shape, e.g. 3,32,32")
     example = torch.zeros(2, *(shape or ()))
     if shape is not None:
         _check_runs(model, example, args.file)

@@ -525,13 +525,34 @@ def load_quantized(
             that is neither imported nor trusted.
     """
     path = Path(path)
+    if path.suffix == ".pt2":
+        return _load_pt2(existing(path))
+    if path.suffix == ".onnx":
+        return OnnxRuntimeModule(existing(path).read_bytes(), str(path))
+    return from_payload(read_payload(path, map_location), path, model, map_location, trusted_modules)
+
+
+def existing(path: Path) -> Path:
+    """``path``, or one line when no file is there."""
     if not path.is_file():
         raise QlightError(f"no quantized model at {path}")
-    if path.suffix == ".pt2":
-        return _load_pt2(path)
-    if path.suffix == ".onnx":
-        return OnnxRuntimeModule(path.read_bytes(), str(path))
-    payload = load_torch_file(path, "quantized model", map_location)
+    return path
+
+
+def read_payload(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """What a ``.pt`` file holds, loaded weights-only; :func:`from_payload` rebuilds its model."""
+    return load_torch_file(existing(path), "quantized model", map_location)
+
+
+def from_payload(
+    payload: Any,
+    path: Path,
+    model: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+    trusted_modules: Sequence[str] = ("qlight",),
+) -> nn.Module:
+    """The model of a ``.pt`` file's loaded ``payload`` (``path`` names it in errors), as
+    :func:`load_quantized` rebuilds it, for a caller that reads the payload's other entries too."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QlightError(f"{path} is not a qlight quantized model file")
     try:
