@@ -400,10 +400,7 @@ class PostTrainingQuantization(Callback):
         except QlightError:
             raise
         except Exception as err:  # one failing recipe must not lose the others
-            rank_zero_warn(f"PTQ {recipe.name} failed: {type(err).__name__}: {err}")
-            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
-            if not isinstance(err, Unsupported):
-                rank_zero_info(traceback.format_exc())
+            _record_failure(row, f"PTQ {recipe.name}", err)
         row["seconds"] = round(time.perf_counter() - start, 2)
         return row, eager
 
@@ -460,10 +457,7 @@ class PostTrainingQuantization(Callback):
             if self._timed(row):
                 row.update(vars(measure_speed(deployed, eager.example.to(dtype), self.speed_repeats)))
         except Exception as err:  # what one runtime cannot run must not lose the other rows
-            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
-            rank_zero_warn(f"PTQ {recipe.name} in {runtime} failed: {row['error']}")
-            if not isinstance(err, Unsupported):
-                rank_zero_info(traceback.format_exc())
+            _record_failure(row, f"PTQ {recipe.name} in {runtime}", err)
         row["seconds"] = round(time.perf_counter() - start, 2)
         return row
 
@@ -497,6 +491,15 @@ _DESCRIPTION = (
     "quantized_modules",
     "quantized_params",
 )
+
+
+def _record_failure(row: dict[str, Any], what: str, err: Exception) -> None:
+    """``err`` as the row's one-line ``error`` and a warning; its traceback in the log unless it is a
+    known limit (:class:`~qlight.errors.Unsupported`)."""
+    row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+    rank_zero_warn(f"{what} failed: {row['error']}")
+    if not isinstance(err, Unsupported):
+        rank_zero_info(traceback.format_exc())
 
 
 def _replace_manifest(out: Path, written: set[str]) -> None:
