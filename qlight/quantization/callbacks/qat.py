@@ -39,7 +39,6 @@ from qlight.quantization.recipes.base import Recipe, check_granularity, float_mo
 from qlight.quantization.recipes.mixed import MixedPrecision
 from qlight.quantization.recipes.plans import check_bits, check_plan, read_plan
 from qlight.quantization.recipes.weight_only import IntxWeightOnly
-from qlight.quantization.runtimes.speed import measure_speed
 
 
 def _check_scales(learned_scales: bool, module: nn.Module, state_dict: dict[str, Any], *args: Any) -> None:
@@ -256,10 +255,7 @@ class QuantizationAwareTraining(QATResults):
         targets = self._targets(pl_module)
         kept = float_modules(pl_module, targets)
         payload = quantized_bytes(converted, self.recipe, targets, pl_module, example)
-        extra = {"runtime": "eager", "size_bytes": len(payload), "kept_float": ", ".join(kept)}
-        extra.update(vars(measure_speed(converted, example)))
-        epoch, keep = trainer.current_epoch, len(self.runtimes) > 1
-        eager = self._record(trainer, pl_module, converted, "test", epoch, "converted", extra, None, keep_logits=keep)
+        eager = self._record_converted(trainer, pl_module, converted, example, payload, kept)
         row = eager[0]
         if trainer.is_global_zero:
             path = self._out(trainer) / "model.pt"

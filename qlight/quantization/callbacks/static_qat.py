@@ -32,7 +32,6 @@ from qlight.quantization.qat import pt2e
 from qlight.quantization.qat.results import QATResults, check_eval_split
 from qlight.quantization.recipes.base import float_modules, quantizable_modules
 from qlight.quantization.recipes.static import StaticPT2E, x86_quantizer
-from qlight.quantization.runtimes.speed import measure_speed
 
 WEIGHT_BITS = (8, 4)  # what X86InductorQuantizer's per-channel weight spec expresses through qlight
 _OBSERVER_KEY = "activation_post_process_"  # the state-dict names prepare_qat_pt2e gives its fake-quantizers
@@ -278,10 +277,7 @@ class StaticQuantizationAwareTraining(QATResults):
         deployed = self.convert(pl_module)
         example = example_input(trainer, pl_module).to(_CPU)
         payload = quantized_bytes(deployed, self.recipe, [], pl_module, example)
-        extra = {"runtime": "eager", "size_bytes": len(payload), "kept_float": ", ".join(self._kept)}
-        extra.update(vars(measure_speed(deployed, example)))
-        epoch, keep = trainer.current_epoch, len(self.runtimes) > 1
-        eager = self._record(trainer, pl_module, deployed, "test", epoch, "converted", extra, _CPU, keep_logits=keep)
+        eager = self._record_converted(trainer, pl_module, deployed, example, payload, self._kept, _CPU)
         row = eager[0]
         if trainer.is_global_zero:
             path = self._out(trainer) / "model.pt2"

@@ -24,6 +24,7 @@ from qlight.quantization.lightning_plumbing import (
     transferred_batches,
 )
 from qlight.quantization.runtimes.agreement import compare_logits
+from qlight.quantization.runtimes.speed import measure_speed
 from qlight.tables import write_results
 
 COLUMNS = [
@@ -159,6 +160,23 @@ class QATResults(Callback):
         log_to_loggers(trainer, metrics, step=None if converted else epoch)
         self.add_row(trainer, row)
         return row, accuracy.logits
+
+    def _record_converted(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        converted: nn.Module,
+        example: Tensor,
+        payload: bytes,
+        kept: list[str],
+        device: torch.device | None = None,
+    ) -> tuple[dict[str, Any], Tensor | None]:
+        """The eager ``converted`` row (file size, layers left float, speed) and, when other runtimes
+        follow, the logits their rows are compared with."""
+        extra = {"runtime": "eager", "size_bytes": len(payload), "kept_float": ", ".join(kept)}
+        extra.update(vars(measure_speed(converted, example)))
+        epoch, keep = trainer.current_epoch, len(self.runtimes) > 1
+        return self._record(trainer, pl_module, converted, "test", epoch, "converted", extra, device, keep_logits=keep)
 
     def add_row(self, trainer: Trainer, row: dict[str, Any]) -> None:
         """Append ``row`` to the table and rewrite its files."""
