@@ -29,6 +29,8 @@ def test_onnx_rows_agree_with_eager_pytorch_for_weight_only_int8_int4_and_mixed(
     rows = rows_by_runtime(tmp_path / "results.csv")
     images = len(model.test_data)
     names = ["fp32", "int8", "int4", "int4@per_kernel_position", "mixed@4"]
+    # ONNX Runtime sums each layer's products in another float32 order than PyTorch (differences near
+    # 1e-5 measured): a logit gap of that size may flip one test image, so top-1 is held within one.
     for name in names:
         eager, onnx = rows[name, "eager"], rows[name, "onnxruntime"]
         assert onnx["error"] == "" and float(onnx["agreement"]) >= 99.5, onnx
@@ -121,6 +123,7 @@ def test_qat_with_runtimes_writes_model_onnx_and_a_converted_row_for_it(tmp_path
     eager, onnx = converted
     assert (eager["runtime"], onnx["runtime"]) == ("eager", "onnxruntime")
     assert float(onnx["agreement"]) >= 99.5 and onnx["error"] == ""
+    # Float summation order differs between the runtimes (as above): within one test image.
     assert abs(float(onnx["acc1"]) - float(eager["acc1"])) * len(model.test_data) <= 1 + 1e-6
     assert int(onnx["size_bytes"]) == (tmp_path / "model.onnx").stat().st_size
     assert int(eager["size_bytes"]) == (tmp_path / "model.pt").stat().st_size
